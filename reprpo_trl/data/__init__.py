@@ -1,0 +1,15 @@
+"""Preference datasets: the offline suite, hub/file loaders, validation and truncation checks."""
+
+from .loading import check_truncation, load_preference_dataset, truncated_fraction, validate_preferences
+from .suite import FAMILIES, SUITE_SHIFTS, make_family, to_conversational
+
+__all__ = [
+    "FAMILIES",
+    "SUITE_SHIFTS",
+    "check_truncation",
+    "load_preference_dataset",
+    "make_family",
+    "to_conversational",
+    "truncated_fraction",
+    "validate_preferences",
+]

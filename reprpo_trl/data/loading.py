@@ -1,0 +1,89 @@
+"""Preference datasets by spec, validated, with a truncation report.
+
+A dataset spec is one string:
+    suite:<family>:<split>            the offline suite (reprpo_trl.data.suite), e.g. suite:add_small:train
+    path/to/file.{parquet,json,jsonl,csv}   a local file
+    <hub id>[:<config>[:<split>]]     a hub dataset, e.g. wassname/genies_preferences:math:train
+Rows need `prompt`, `chosen` and `rejected`, as strings or as chat message lists.
+"""
+
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from .suite import make_family
+
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def load_preference_dataset(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
+    """Load the dataset named by `spec`, keep the first `n` rows, and validate every row."""
+    if spec.startswith("suite:"):
+        _, family, split = (spec.split(":") + ["train"])[:3]
+        dataset = make_family(family, split, n=n or 600, seed=seed)
+    elif Path(spec).suffix in _FILE_FORMATS:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"preference dataset file {spec!r} does not exist")
+        dataset = load_dataset(_FILE_FORMATS[Path(spec).suffix], data_files=spec, split="train")
+    else:
+        hub_id, config, split = (spec.split(":") + [None, None])[:3]
+        dataset = load_dataset(hub_id, config or None, split=split or "train")
+    if n is not None:
+        dataset = dataset.select(range(min(n, len(dataset))))
+    validate_preferences(dataset, spec)
+    return dataset
+
+
+def _is_empty(value) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):
+        return not value or all(not str(m.get("content", "")).strip() for m in value)
+    return True
+
+
+def validate_preferences(dataset: Dataset, name: str) -> None:
+    """Raise ValueError naming the dataset, row and field of the first malformed pair."""
+    missing = [f for f in PREFERENCE_FIELDS if f not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"preference dataset {name!r} lacks column(s) {missing}; it has {dataset.column_names}. "
+            "Rename its columns to prompt/chosen/rejected."
+        )
+    for i, row in enumerate(dataset.select_columns(list(PREFERENCE_FIELDS))):
+        for field in PREFERENCE_FIELDS:
+            if _is_empty(row[field]):
+                raise ValueError(f"preference dataset {name!r} row {i}: field {field!r} is empty or not text")
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"preference dataset {name!r} row {i}: chosen equals rejected, so there is no preference")
+
+
+def _pair_lengths(row: dict, tokenizer) -> tuple[int, int]:
+    if isinstance(row["prompt"], list):
+        render = lambda completion: tokenizer.apply_chat_template(row["prompt"] + completion, return_dict=False)  # noqa: E731
+        chosen, rejected = render(row["chosen"]), render(row["rejected"])
+    else:
+        chosen = tokenizer(row["prompt"] + row["chosen"])["input_ids"]
+        rejected = tokenizer(row["prompt"] + row["rejected"])["input_ids"]
+    return len(chosen) + 1, len(rejected) + 1  # + the EOS TRL appends
+
+
+def truncated_fraction(dataset: Dataset, tokenizer, max_length: int | None) -> float:
+    """Fraction of pairs whose prompt + chosen or prompt + rejected exceeds `max_length` tokens."""
+    if max_length is None or len(dataset) == 0:
+        return 0.0
+    over = sum(max(_pair_lengths(row, tokenizer)) > max_length for row in dataset)
+    return over / len(dataset)
+
+
+def check_truncation(dataset: Dataset, tokenizer, max_length: int | None, max_fraction: float, name: str) -> float:
+    """Return the truncated fraction; raise if it is above `max_fraction`."""
+    fraction = truncated_fraction(dataset, tokenizer, max_length)
+    if fraction > max_fraction:
+        raise ValueError(
+            f"dataset {name!r}: {fraction:.1%} of {len(dataset)} pairs exceed max_length={max_length} tokens and would "
+            f"be truncated (allowed: {max_fraction:.1%}). Raise max_length, filter long rows, or raise "
+            "max_truncated_fraction."
+        )
+    return fraction
