@@ -1,0 +1,115 @@
+"""reprpo-train: one training run from a YAML recipe, with CLI flags overriding the recipe.
+
+    reprpo-train --config recipes/reprpo_prefvec.yaml [--learning_rate 1e-4 ...]
+    accelerate launch --config_file accelerate_configs/ddp.yaml -m reprpo_trl.train --config recipes/...
+
+The recipe's `trainer` key picks the trainer and so the config class whose fields it may set:
+`dpo` (TRL's own DPOTrainer, the baseline) or `reprpo`. Model keys are TRL's ModelConfig
+(model_name_or_path, use_peft, lora_r, ...); data keys are `RunArguments` below.
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+
+from .data import check_truncation, load_preference_dataset, to_conversational
+from .models import resolve_model
+from .trainers import ReprPOConfig, ReprPOTrainer
+
+TRAINERS = {"dpo": (DPOConfig, DPOTrainer), "reprpo": (ReprPOConfig, ReprPOTrainer)}
+
+
+@dataclass
+class RunArguments:
+    """What to train on, and with which trainer."""
+
+    trainer: str = field(default="reprpo", metadata={"help": f"Trainer: one of {sorted(TRAINERS)}."})
+    train_dataset: str = field(
+        default="suite:add_small:train",
+        metadata={"help": "Dataset spec: suite:<family>:<split>, a local parquet/json/csv, or <hub id>[:config[:split]]."},
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "Dataset spec for evaluation during training."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation pairs."})
+    conversational: bool = field(
+        default=False, metadata={"help": "Turn plain prompt/chosen/rejected rows into chat messages first."}
+    )
+    max_truncated_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Refuse to train when more than this fraction of pairs is longer than max_length."},
+    )
+
+
+def trainer_name(argv: list[str]) -> str:
+    """The trainer named by --trainer, else by the recipe's `trainer` key, else the default."""
+    if "--trainer" in argv:
+        name = argv[argv.index("--trainer") + 1]
+    elif "--config" in argv:
+        with open(argv[argv.index("--config") + 1]) as f:
+            name = (yaml.safe_load(f) or {}).get("trainer", RunArguments.trainer)
+    else:
+        name = RunArguments.trainer
+    if name not in TRAINERS:
+        raise ValueError(f"trainer={name!r}: choose one of {sorted(TRAINERS)}")
+    return name
+
+
+def parse_args(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_class, _ = TRAINERS[trainer_name(argv)]
+    return TrlParser((RunArguments, config_class, ModelConfig)).parse_args_and_config(argv)
+
+
+def load_data(run_args: RunArguments, train_args, tokenizer):
+    """Train and eval datasets from their specs, checked for truncation against `max_length`."""
+    datasets = {}
+    for split, spec, n in (
+        ("train", run_args.train_dataset, run_args.max_train_samples),
+        ("eval", run_args.eval_dataset, run_args.max_eval_samples),
+    ):
+        if spec is None:
+            continue
+        dataset = load_preference_dataset(spec, n=n, seed=train_args.seed)
+        if run_args.conversational and isinstance(dataset[0]["prompt"], str):
+            dataset = dataset.map(to_conversational, desc=f"Chat format for {spec}")
+        fraction = check_truncation(dataset, tokenizer, train_args.max_length, run_args.max_truncated_fraction, spec)
+        print(f"{split} dataset {spec}: {len(dataset)} pairs, {fraction:.1%} longer than max_length")
+        datasets[split] = dataset
+    return datasets
+
+
+def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig):
+    """Load model, tokenizer and data and construct the trainer the recipe names."""
+    path = resolve_model(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype or "auto",
+        attn_implementation=model_args.attn_implementation,
+    )
+    datasets = load_data(run_args, train_args, tokenizer)
+    _, trainer_class = TRAINERS[run_args.trainer]
+    return trainer_class(
+        model,
+        args=train_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("eval"),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+
+
+def main(argv: list[str] | None = None):
+    run_args, train_args, model_args = parse_args(argv)
+    trainer = build_trainer(run_args, train_args, model_args)
+    trainer.train()
+    trainer.save_model(train_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

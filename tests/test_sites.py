@@ -1,0 +1,103 @@
+"""Layer specs, masked pooling and the hook collector."""
+
+import pytest
+import torch
+
+from reprpo_trl.sites import StateCollector, decoder_layers, layer_sites, parse_layer_spec, pool
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("3", [3]),
+        ("-1", [9]),
+        ("0.5", [5]),
+        ("0.25, 0.5, -2", [2, 5, 8]),
+        ("range(2, 8, 3)", [2, 5]),
+        ("range(0.3, -2)", [3, 4, 5, 6, 7]),
+        ("range(0, 4, 2), 9, 0.5", [0, 2, 5, 9]),
+        ([1, -1], [1, 9]),
+        ("1,1,1", [1]),
+    ],
+)
+def test_parse_layer_spec(spec, expected):
+    assert parse_layer_spec(spec, n_layers=10) == expected
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("10", r"selects layers \[10\].*has 10"),
+        ("-11", r"selects layers \[-1\]"),
+        ("1.5", "fraction 1.5 must lie in"),
+        ("abc", "'abc' is not an int"),
+        ("range(1)", "needs 2 or 3 arguments"),
+        ("range(1, 5, 0)", "step must be a positive int"),
+        ("range(5, 2)", "selects no layer"),
+    ],
+)
+def test_parse_layer_spec_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_layer_spec(spec, n_layers=10)
+
+
+def test_decoder_layers_found_through_peft(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    layers = decoder_layers(tiny_model)
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_layers(peft_model) is layers
+    assert len(layers) == tiny_model.config.num_hidden_layers
+
+
+def _masks():
+    completion = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    return completion, attention
+
+
+def test_pooling_by_hand():
+    completion, attention = _masks()
+    h = torch.arange(2 * 5 * 1, dtype=torch.float32).reshape(2, 5, 1)
+    assert pool(h, completion, attention, "completion_mean")[:, 0].tolist() == [2.5, 7.5]
+    assert pool(h, completion, attention, "all_mean")[:, 0].tolist() == [1.5, 7.0]
+    assert pool(h, completion, attention, "last")[:, 0].tolist() == [3.0, 9.0]
+
+
+@pytest.mark.parametrize("pooling", ["completion_mean", "all_mean", "last"])
+def test_padding_never_enters_pooling(pooling):
+    completion, attention = _masks()
+    h = torch.randn(2, 5, 3)
+    changed = h.clone()
+    changed[0, 4] = 1e6  # the padding position of row 0
+    assert torch.equal(pool(h, completion, attention, pooling), pool(changed, completion, attention, pooling))
+
+
+def test_pooling_skips_virtual_tokens():
+    """Prompt-learning adapters prepend positions; the last T are the real tokens."""
+    completion, attention = _masks()
+    h = torch.randn(2, 5, 3)
+    with_virtual = torch.cat([torch.full((2, 4, 3), 1e6), h], dim=1)
+    assert torch.equal(pool(with_virtual, completion, attention, "completion_mean"), pool(h, completion, attention, "completion_mean"))
+
+
+def test_collector_records_each_call_in_order_and_unhooks(tiny_model):
+    layers = [1, 3]
+    collector = StateCollector(layer_sites([tiny_model], layers), "completion_mean")
+    ids = torch.randint(3, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    with collector.capture(mask, mask) as states:
+        out1 = tiny_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        tiny_model(input_ids=ids + 1, attention_mask=mask)
+    assert sorted(states) == ["layer_1", "layer_3"]
+    assert all(len(v) == 2 for v in states.values())
+    # hidden_states[i + 1] is the output of decoder layer i
+    torch.testing.assert_close(states["layer_1"][0], out1.hidden_states[2].mean(1))
+    assert not torch.equal(states["layer_1"][0], states["layer_1"][1])
+    tiny_model(input_ids=ids, attention_mask=mask)
+    assert all(len(v) == 2 for v in states.values())  # hooks were removed
+
+
+def test_unknown_pooling():
+    with pytest.raises(ValueError, match="pooling='max'"):
+        StateCollector({}, "max")
