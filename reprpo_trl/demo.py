@@ -26,7 +26,8 @@ def compare(base: pd.DataFrame, trained: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def main(argv: list[str] | None = None):
+def run(argv: list[str] | None = None) -> pd.DataFrame:
+    """Train the recipe, evaluate base and trained on SUITE_SHIFTS; return the comparison table."""
     argv = list(sys.argv[1:] if argv is None else argv)
     eval_samples = 120
     if "--eval_samples" in argv:
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None):
     print(f"\n{run_args.trainer} ({getattr(train_args, 'hidden_loss', 'dpo')}) vs base, {eval_samples} pairs per dataset:")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(argv)
 
 
 if __name__ == "__main__":

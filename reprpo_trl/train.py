@@ -103,12 +103,17 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig):
     )
 
 
-def main(argv: list[str] | None = None):
+def run(argv: list[str] | None = None):
+    """Parse, train, save the model (the adapter, for peft) to output_dir; return the trainer."""
     run_args, train_args, model_args = parse_args(argv)
     trainer = build_trainer(run_args, train_args, model_args)
     trainer.train()
     trainer.save_model(train_args.output_dir)
     return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(argv)
 
 
 if __name__ == "__main__":

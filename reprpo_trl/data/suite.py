@@ -18,12 +18,12 @@ import random
 
 from datasets import Dataset
 
-SUITE_SHIFTS = {
-    "train": ["add_small:train"],
-    "in_domain": ["add_small:test"],
-    "cross_domain": ["add_word:test", "sub_small:test"],
-    "difficulty": ["add_large:test"],
-    "unrelated": ["capitals:test"],
+SUITE_SHIFTS = {  # shift -> dataset specs (see reprpo_trl.data.loading)
+    "train": ["suite:add_small:train"],
+    "in_domain": ["suite:add_small:test"],
+    "cross_domain": ["suite:add_word:test", "suite:sub_small:test"],
+    "difficulty": ["suite:add_large:test"],
+    "unrelated": ["suite:capitals:test"],
 }
 
 CAPITALS = {

@@ -1,0 +1,104 @@
+"""Step time and peak memory of reprpo_trl trainers as ratios to TRL's own DPOTrainer (make bench).
+
+Every configuration trains the same model on the same data with the same batch, each in a fresh process
+(so peak memory is its own): median step time over the steps after warm-up, and peak memory (CUDA
+max_memory_allocated on GPU, peak RSS on CPU, which includes the weights every configuration shares).
+
+    python benchmarks/bench_trainers.py [--model embedded/SmolLM2-135M-Instruct] [--steps 12] [--batch 8]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {  # name -> (trainer, extra config)
+    "dpo": ("dpo", {}),
+    "dpo_precompute": ("dpo", {"precompute_ref_log_probs": True}),
+    "reprpo_prefvec": ("reprpo", {"hidden_loss": "prefvec"}),
+    "reprpo_mse": ("reprpo", {"hidden_loss": "mse"}),
+    "reprpo_prefvec_precompute": ("reprpo", {"hidden_loss": "prefvec", "precompute_ref_log_probs": True}),
+}
+
+
+def run_one(name, model_name, steps, batch, device):
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from reprpo_trl import ReprPOConfig, ReprPOTrainer
+    from reprpo_trl.data import make_family
+    from reprpo_trl.models import resolve_model
+
+    trainer_kind, extra = CONFIGS[name]
+    path = resolve_model(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    data = make_family("add_word", "train", n=steps * batch)
+    common = dict(
+        output_dir=f"/tmp/bench_{name}", max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
+        report_to="none", save_strategy="no", logging_steps=steps, use_cpu=device == "cpu", bf16=device == "cuda",
+        max_length=128, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    config_class, trainer_class = (DPOConfig, DPOTrainer) if trainer_kind == "dpo" else (ReprPOConfig, ReprPOTrainer)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    trainer = trainer_class(
+        model, args=config_class(**common, **extra), train_dataset=data, processing_class=tokenizer, peft_config=lora
+    )
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    trainer.add_callback(Timer())
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": statistics.median(times[2:]), "peak_mib": peak}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded/SmolLM2-135M-Instruct")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.one:
+        print(json.dumps(run_one(args.one, args.model, args.steps, args.batch, device)))
+        return
+    results = {}
+    for name in args.configs:
+        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+        print(f"{name:28s} step {results[name]['step_s']:.3f}s  peak {results[name]['peak_mib']:.0f} MiB", flush=True)
+    base = results["dpo"]
+    print(f"\nratios vs TRL DPOTrainer (live reference), {device}, model {args.model}, batch {args.batch}:")
+    print(f"{'config':28s} {'time':>6s} {'memory':>7s}")
+    for name, r in results.items():
+        print(f"{name:28s} {r['step_s'] / base['step_s']:6.2f} {r['peak_mib'] / base['peak_mib']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
