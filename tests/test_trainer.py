@@ -142,6 +142,21 @@ def test_eval_logs_terms(tmp_path, tokenizer, pairs):
     assert "eval_hidden/layer_3" in metrics
 
 
+def test_precompute_needs_states_for_new_eval_data(tmp_path, tokenizer, pairs):
+    trainer = ReprPOTrainer(
+        make_model(tokenizer),
+        args=config(tmp_path, precompute_ref_log_probs=True),
+        train_dataset=pairs,
+        eval_dataset={"held_out": pairs.select(range(4))},
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
+    assert "ref_states" in trainer.eval_dataset["held_out"].column_names
+    assert trainer.evaluate()["eval_loss/hidden"] == pytest.approx(0.6931, abs=1e-3)
+    with pytest.raises(ValueError, match="no precomputed reference states"):
+        trainer.evaluate(pairs.select(range(4)))
+
+
 def test_tensorboard_logging(tmp_path, tokenizer, pairs):
     trainer = lora_trainer(tmp_path, tokenizer, pairs, report_to="tensorboard")
     trainer.train()

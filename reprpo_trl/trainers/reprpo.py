@@ -180,6 +180,12 @@ class ReprPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         ref_states = inputs.pop(REF_STATES, None)
+        if ref_states is None and self.args.precompute_ref_log_probs:
+            raise ValueError(
+                "precompute_ref_log_probs=True but this batch has no precomputed reference states: pass evaluation "
+                "data as eval_dataset (a dataset or a dict of them) when constructing ReprPOTrainer, where its "
+                "reference states are precomputed, then call trainer.evaluate() without a dataset argument."
+            )
         with self.collector.capture(inputs["completion_mask"], inputs["attention_mask"]) as states:
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         dpo_loss = output[0] if return_outputs else output
