@@ -9,6 +9,7 @@ For each pair, with l_t the log-prob of completion token t under the model:
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from trl.data_utils import common_prefix_length
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ..data import load_preference_dataset
@@ -27,9 +28,7 @@ def tokenize_pair(row: dict, tokenizer) -> dict:
     prompt = _ids(tokenizer, row["prompt"])
     chosen = _ids(tokenizer, row["prompt"], row["chosen"])
     rejected = _ids(tokenizer, row["prompt"], row["rejected"])
-    n = 0
-    while n < len(prompt) and n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n] == prompt[n]:
-        n += 1
+    n = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
     return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
 
