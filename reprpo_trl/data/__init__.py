@@ -2,6 +2,7 @@
 
 from .loading import check_truncation, load_preference_dataset, truncated_fraction, validate_preferences
 from .suite import FAMILIES, SUITE_SHIFTS, make_family, to_conversational
+from .tokenize import tokenize_pair
 
 __all__ = [
     "FAMILIES",
@@ -10,6 +11,7 @@ __all__ = [
     "load_preference_dataset",
     "make_family",
     "to_conversational",
+    "tokenize_pair",
     "truncated_fraction",
     "validate_preferences",
 ]

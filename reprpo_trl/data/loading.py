@@ -12,6 +12,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from .suite import make_family
+from .tokenize import tokenize_pair
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 _FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -59,21 +60,14 @@ def validate_preferences(dataset: Dataset, name: str) -> None:
             raise ValueError(f"preference dataset {name!r} row {i}: chosen equals rejected, so there is no preference")
 
 
-def _pair_lengths(row: dict, tokenizer) -> tuple[int, int]:
-    if isinstance(row["prompt"], list):
-        render = lambda completion: tokenizer.apply_chat_template(row["prompt"] + completion, return_dict=False)  # noqa: E731
-        chosen, rejected = render(row["chosen"]), render(row["rejected"])
-    else:
-        chosen = tokenizer(row["prompt"] + row["chosen"])["input_ids"]
-        rejected = tokenizer(row["prompt"] + row["rejected"])["input_ids"]
-    return len(chosen) + 1, len(rejected) + 1  # + the EOS TRL appends
-
-
 def truncated_fraction(dataset: Dataset, tokenizer, max_length: int | None) -> float:
     """Fraction of pairs whose prompt + chosen or prompt + rejected exceeds `max_length` tokens."""
     if max_length is None or len(dataset) == 0:
         return 0.0
-    over = sum(max(_pair_lengths(row, tokenizer)) > max_length for row in dataset)
+    over = 0
+    for row in dataset:
+        ids = tokenize_pair(row, tokenizer)
+        over += len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])) > max_length
     return over / len(dataset)
 
 

@@ -9,27 +9,9 @@ For each pair, with l_t the log-prob of completion token t under the model:
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from trl.data_utils import common_prefix_length
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from ..data import load_preference_dataset
-
-
-def _ids(tokenizer, prompt, completion=None):
-    if isinstance(prompt, list):  # chat messages
-        messages = prompt + (completion or [])
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=completion is None, return_dict=False)
-    text = prompt + (completion + tokenizer.eos_token if completion is not None else "")
-    return tokenizer(text)["input_ids"]
-
-
-def tokenize_pair(row: dict, tokenizer) -> dict:
-    """prompt_ids / chosen_ids / rejected_ids as TRL tokenizes them (EOS after plain completions)."""
-    prompt = _ids(tokenizer, row["prompt"])
-    chosen = _ids(tokenizer, row["prompt"], row["chosen"])
-    rejected = _ids(tokenizer, row["prompt"], row["rejected"])
-    n = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
-    return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
+from ..data import load_preference_dataset, tokenize_pair
 
 
 @torch.no_grad()
