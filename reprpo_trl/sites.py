@@ -1,4 +1,9 @@
-"""Where activations are read: decoder layers chosen by a layer spec, pooled by forward hooks.
+"""Where activations are read (SPEC "Sites"): pooled by forward hooks on decoder layers chosen by a layer spec.
+
+Collections:
+    hs          residual output h_l of each chosen decoder layer l
+    side        input (or output) of the modules in each chosen layer whose name matches a regex
+    suppressed  relu(h_l - h_{l+1}) of pooled states: what layer l+1 removed from the residual
 
 A layer spec is a comma-separated list of items, each one of
     12        a layer index
@@ -15,6 +20,8 @@ import torch
 from torch import nn
 
 POOLINGS = ("completion_mean", "all_mean", "last")
+COLLECTIONS = ("hs", "side", "suppressed")
+SIDE_DEFAULTS = {"input": "o_proj$,down_proj$", "output": "(q|k|v)_proj$,(gate|up)_proj$"}
 
 _RANGE = re.compile(r"range\(([^()]*)\)")
 
@@ -92,12 +99,12 @@ def pool(hidden: torch.Tensor, completion_mask, attention_mask, pooling: str) ->
     return torch.einsum("ntd,nt->nd", hidden, mask) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
-def _output_tensor(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+def first_tensor(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
 
 
 class StateCollector:
-    """Pools the outputs of named modules with forward hooks while armed.
+    """Pools the outputs (or, with read="input", the first input) of named modules with forward hooks while armed.
 
     `capture(completion_mask, attention_mask)` registers the hooks and yields a dict
     site -> list of pooled (N, d) states, one entry per forward call in call order.
@@ -106,24 +113,37 @@ class StateCollector:
     backward pass never records.
     """
 
-    def __init__(self, sites: dict[str, list[nn.Module]], pooling: str = "completion_mean"):
+    def __init__(self, sites: dict[str, list[nn.Module]], pooling="completion_mean", read="output", detach=False):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}: choose one of {POOLINGS}")
+        if read not in SIDE_DEFAULTS:
+            raise ValueError(f"read={read!r}: choose 'input' or 'output'")
         self.sites = sites
         self.pooling = pooling
+        self.read = read
+        self.detach = detach
 
     @contextlib.contextmanager
     def capture(self, completion_mask, attention_mask):
+        """States that need no gradient are pooled at once under no_grad. The others are pooled when the block
+        exits: a hook inside a gradient-checkpointed layer must not save tensors the recomputation would not."""
         states = {name: [] for name in self.sites}
+        pending = []
 
         def hook_for(name):
-            def hook(module, args, output):
-                states[name].append(pool(_output_tensor(output), completion_mask, attention_mask, self.pooling))
+            def hook(module, args, kwargs, output):
+                tensor = first_tensor((args or tuple(kwargs.values())) if self.read == "input" else output)
+                if tensor.requires_grad and not self.detach:
+                    pending.append((name, len(states[name])))
+                    states[name].append(tensor)
+                    return
+                with torch.no_grad():
+                    states[name].append(pool(tensor, completion_mask, attention_mask, self.pooling))
 
             return hook
 
         handles = [
-            module.register_forward_hook(hook_for(name))
+            module.register_forward_hook(hook_for(name), with_kwargs=True)
             for name, modules in self.sites.items()
             for module in modules
         ]
@@ -132,9 +152,76 @@ class StateCollector:
         finally:
             for handle in handles:
                 handle.remove()
+            for name, index in pending:
+                states[name][index] = pool(states[name][index], completion_mask, attention_mask, self.pooling)
 
 
 def layer_sites(models: list[nn.Module], layers: list[int]) -> dict[str, list[nn.Module]]:
     """Site name -> the decoder layer at that index in each of `models` (policy, then an explicit reference)."""
     blocks = [decoder_layers(m) for m in models]
     return {f"layer_{i}": [b[i] for b in blocks] for i in layers}
+
+
+def side_sites(models: list[nn.Module], layers: list[int], patterns: str) -> dict[str, list[nn.Module]]:
+    """Site "layer_i.<module name>" -> that module in each of `models`, for every module of each chosen layer
+    whose name (relative to the layer, e.g. "self_attn.o_proj") matches one of the comma-separated regexes."""
+    blocks = [decoder_layers(m) for m in models]
+    patterns = [re.compile(p.strip()) for p in patterns.split(",") if p.strip()]
+    sites = {}
+    for i in layers:
+        names = [name for name, _ in blocks[0][i].named_modules() if name]
+        for regex in patterns:
+            matched = [name for name in names if regex.search(name)]
+            if not matched:
+                raise ValueError(
+                    f"side module regex {regex.pattern!r} matches no module of decoder layer {i}; its modules are: "
+                    + ", ".join(names)
+                )
+            for name in matched:
+                sites[f"layer_{i}.{name}"] = [block[i].get_submodule(name) for block in blocks]
+    return sites
+
+
+def _width(module: nn.Module, read: str, site: str) -> int:
+    attribute = "in_features" if read == "input" else "out_features"
+    if not hasattr(module, attribute):
+        raise ValueError(f"side site {site}: {type(module).__name__} has no {attribute}; side sites must be linear layers")
+    return getattr(module, attribute)
+
+
+class Collection:
+    """The sites a loss reads: raw hooked sites (pooled by a StateCollector) and the sites derived from them.
+
+    `derive(raw)` maps pooled raw states {raw site: (N, d)} to {site: (N, d)}; for hs and side it is the
+    identity, for suppressed site "suppressed_l" it is relu(h_l - h_{l+1}). `dims[site]` is each site's width.
+    """
+
+    def __init__(self, kind, models, layers, pooling="completion_mean", side_modules=None, side_io="input"):
+        if kind not in COLLECTIONS:
+            raise ValueError(f"collection={kind!r}: choose one of {COLLECTIONS}")
+        self.kind = kind
+        hidden = unwrap(models[0]).config.get_text_config().hidden_size
+        n_layers = len(decoder_layers(models[0]))
+        if kind == "side":
+            sites = side_sites(models, layers, side_modules or SIDE_DEFAULTS[side_io])
+            self.collector = StateCollector(sites, pooling, read=side_io)
+            self.raw_dims = {site: _width(modules[0], side_io, site) for site, modules in sites.items()}
+            self.dims = dict(self.raw_dims)
+            return
+        self.pairs = {}
+        if kind == "suppressed":
+            if layers[-1] + 1 >= n_layers:
+                raise ValueError(
+                    f"collection=suppressed reads layer l+1 after each chosen layer l, but layer {layers[-1]} is the "
+                    f"last of {n_layers}; choose layers below {n_layers - 1}"
+                )
+            self.pairs = {f"suppressed_{l}": (f"layer_{l}", f"layer_{l + 1}") for l in layers}
+            layers = sorted(set(layers) | {l + 1 for l in layers})
+        self.collector = StateCollector(layer_sites(models, layers), pooling)
+        self.raw_dims = {site: hidden for site in self.collector.sites}
+        self.dims = {site: hidden for site in (self.pairs or self.raw_dims)}
+
+    def derive(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.kind != "suppressed":
+            return raw
+        return {site: torch.relu(raw[a] - raw[b]) for site, (a, b) in self.pairs.items()}

@@ -15,11 +15,16 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
 
-from .data import check_truncation, load_preference_dataset, to_conversational
+from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
 from .models import resolve_model
-from .trainers import ReprPOConfig, ReprPOTrainer
+from .trainers import ProjBPConfig, ProjBPTrainer, ProjGradConfig, ProjGradTrainer, ReprPOConfig, ReprPOTrainer
 
-TRAINERS = {"dpo": (DPOConfig, DPOTrainer), "reprpo": (ReprPOConfig, ReprPOTrainer)}
+TRAINERS = {
+    "dpo": (DPOConfig, DPOTrainer),
+    "reprpo": (ReprPOConfig, ReprPOTrainer),
+    "projgrad": (ProjGradConfig, ProjGradTrainer),
+    "projbp": (ProjBPConfig, ProjBPTrainer),
+}
 
 
 @dataclass
@@ -77,7 +82,8 @@ def load_data(run_args: RunArguments, train_args, tokenizer):
             dataset = dataset.map(to_conversational, desc=f"Chat format for {spec}")
         fraction = check_truncation(dataset, tokenizer, train_args.max_length, run_args.max_truncated_fraction, spec)
         print(f"{split} dataset {spec}: {len(dataset)} pairs, {fraction:.1%} longer than max_length")
-        datasets[split] = dataset
+        with train_args.main_process_first(desc=f"saving {spec}"):
+            datasets[split] = on_disk(dataset)
     return datasets
 
 

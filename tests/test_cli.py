@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trl import DPOConfig
+
 
 from conftest import make_model
 from reprpo_trl import ReprPOConfig
-from reprpo_trl.train import main, parse_args, run, trainer_name
+from reprpo_trl.train import TRAINERS, main, parse_args, run, trainer_name
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -16,7 +16,7 @@ RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_parses(recipe):
     run_args, train_args, model_args = parse_args(["--config", str(recipe), "--use_cpu", "true"])
-    expected = {"dpo": DPOConfig, "reprpo": ReprPOConfig}[yaml.safe_load(recipe.read_text())["trainer"]]
+    expected = {name: config for name, (config, _) in TRAINERS.items()}[yaml.safe_load(recipe.read_text())["trainer"]]
     assert type(train_args) is expected
     assert model_args.model_name_or_path
 

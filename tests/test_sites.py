@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reprpo_trl.sites import StateCollector, decoder_layers, layer_sites, parse_layer_spec, pool
+from reprpo_trl.sites import Collection, StateCollector, decoder_layers, layer_sites, parse_layer_spec, pool
 
 
 @pytest.mark.parametrize(
@@ -101,3 +101,86 @@ def test_collector_records_each_call_in_order_and_unhooks(tiny_model):
 def test_unknown_pooling():
     with pytest.raises(ValueError, match="pooling='max'"):
         StateCollector({}, "max")
+
+
+def _run(model, collection, seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 50, (2, 6))
+    completion = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    with collection.collector.capture(completion, attention) as states:
+        out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    return states, out, completion, attention
+
+
+def qwen2_model(tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_side_sites_read_module_inputs(arch, tiny_model, tokenizer):
+    model = tiny_model if arch == "llama" else qwen2_model(tokenizer)
+    collection = Collection("side", [model], [1, 2])
+    assert list(collection.dims) == [
+        "layer_1.self_attn.o_proj", "layer_1.mlp.down_proj", "layer_2.self_attn.o_proj", "layer_2.mlp.down_proj"
+    ]
+    assert collection.dims["layer_1.mlp.down_proj"] == model.config.intermediate_size
+    inputs = []
+    handle = decoder_layers(model)[2].mlp.down_proj.register_forward_hook(lambda m, a, o: inputs.append(a[0]))
+    states, _, completion, attention = _run(model, collection)
+    handle.remove()
+    torch.testing.assert_close(states["layer_2.mlp.down_proj"][0], pool(inputs[0], completion, attention, "completion_mean"))
+
+
+def test_side_sites_read_outputs(tiny_model):
+    collection = Collection("side", [tiny_model], [0], side_io="output")
+    assert set(collection.dims) == {f"layer_0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+    assert collection.dims["layer_0.self_attn.k_proj"] == 16  # 2 kv heads x head_dim 8
+    outputs = []
+    handle = decoder_layers(tiny_model)[0].mlp.up_proj.register_forward_hook(lambda m, a, o: outputs.append(o))
+    states, _, completion, attention = _run(tiny_model, collection)
+    handle.remove()
+    torch.testing.assert_close(states["layer_0.mlp.up_proj"][0], pool(outputs[0], completion, attention, "completion_mean"))
+
+
+def test_side_regex_that_matches_nothing_lists_the_modules(tiny_model):
+    with pytest.raises(ValueError, match=r"'out_proj\$' matches no module of decoder layer 1.*self_attn\.o_proj"):
+        Collection("side", [tiny_model], [1], side_modules="out_proj$")
+
+
+def test_suppressed_is_relu_of_pooled_difference(tiny_model):
+    collection = Collection("suppressed", [tiny_model], [0, 2])
+    assert list(collection.dims) == ["suppressed_0", "suppressed_2"]
+    assert sorted(collection.collector.sites) == ["layer_0", "layer_1", "layer_2", "layer_3"]
+    states, out, completion, attention = _run(tiny_model, collection)
+    derived = collection.derive({site: values[0] for site, values in states.items()})
+    h1, h2 = (pool(out.hidden_states[i], completion, attention, "completion_mean") for i in (1, 2))
+    torch.testing.assert_close(derived["suppressed_0"], torch.relu(h1 - h2))
+    assert (derived["suppressed_2"] >= 0).all() and (derived["suppressed_2"] > 0).any()
+
+
+def test_suppressed_needs_a_next_layer(tiny_model):
+    with pytest.raises(ValueError, match="layer 3 is the last of 4"):
+        Collection("suppressed", [tiny_model], [1, 3])
+
+
+def test_pooling_under_gradient_checkpointing_matches(tiny_model):
+    """Sites inside a checkpointed layer are pooled after the forward: backward must not fail and must agree."""
+    collection = Collection("side", [tiny_model], [1])
+    grads = []
+    for checkpointing in (False, True):
+        tiny_model.zero_grad()
+        if checkpointing:
+            tiny_model.gradient_checkpointing_enable({"use_reentrant": False})
+        tiny_model.train()
+        states, _, _, _ = _run(tiny_model, collection)
+        sum(s[0].sum() for s in states.values()).backward()
+        grads.append(decoder_layers(tiny_model)[0].mlp.down_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

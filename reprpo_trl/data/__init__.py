@@ -1,6 +1,6 @@
 """Preference datasets: the offline suite, hub/file loaders, validation and truncation checks."""
 
-from .loading import check_truncation, load_preference_dataset, truncated_fraction, validate_preferences
+from .loading import check_truncation, load_preference_dataset, on_disk, truncated_fraction, validate_preferences
 from .suite import FAMILIES, SUITE_SHIFTS, make_family, to_conversational
 from .tokenize import tokenize_pair
 
@@ -10,6 +10,7 @@ __all__ = [
     "check_truncation",
     "load_preference_dataset",
     "make_family",
+    "on_disk",
     "to_conversational",
     "tokenize_pair",
     "truncated_fraction",

@@ -7,9 +7,11 @@ A dataset spec is one string:
 Rows need `prompt`, `chosen` and `rejected`, as strings or as chat message lists.
 """
 
+import os
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+import datasets
+from datasets import Dataset, load_dataset, load_from_disk
 
 from .suite import make_family
 from .tokenize import tokenize_pair
@@ -81,3 +83,20 @@ def check_truncation(dataset: Dataset, tokenizer, max_length: int | None, max_fr
             "max_truncated_fraction."
         )
     return fraction
+
+
+def on_disk(dataset: Dataset) -> Dataset:
+    """The dataset backed by files under the datasets cache (saved there once, keyed by its fingerprint).
+
+    An in-memory dataset writes the cache files of later `map` calls to a temporary directory of its own process,
+    so under a multi-process launch the files one process writes are missing in the others (TRL's precomputed
+    reference log-probs fail that way). Call it main process first; the others then load the saved copy.
+    """
+    if dataset.cache_files:
+        return dataset
+    path = Path(datasets.config.HF_DATASETS_CACHE) / "reprpo_trl" / dataset._fingerprint
+    if not path.exists():
+        partial = path.with_name(path.name + f".tmp{os.getpid()}")
+        dataset.save_to_disk(str(partial))
+        os.replace(partial, path)
+    return load_from_disk(str(path))

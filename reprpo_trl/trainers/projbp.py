@@ -1,0 +1,67 @@
+"""ProjBP: DPO whose backward pass is projected onto each example's reference preference direction.
+
+During the policy forward each adapted module's output tensor gets a gradient hook (the full backward pre-hook
+of that module: it receives grad_output). In backward it edits the gradient row by row: for row n of pair i,
+at every token, g' = g_par + beta * g_perp along u_i = unit(r_c,i - r_r,i) of that module's pooled reference
+output, rescaled to the row's original norm (`renorm`, default on). The edit flows on into earlier layers.
+Because it lives inside autograd, it works wherever backward does: single process, DDP, DeepSpeed, FSDP.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..projection import project_rows, unit
+from ..sites import first_tensor
+from .projgrad import GradientProjectionConfig, PreferenceDirectionTrainer
+
+
+@dataclass
+class ProjBPConfig(GradientProjectionConfig):
+    renorm: bool = field(default=True, metadata={"help": "Rescale each edited row of grad_output to its norm."})
+
+
+class ProjBPTrainer(PreferenceDirectionTrainer):
+    """TRL's DPOTrainer with per-example projection of module output gradients; see the module docstring."""
+
+    _tag_names = ["trl", "dpo", "projbp"]
+
+    def __init__(self, model, ref_model=None, args: ProjBPConfig | None = None, **kwargs):
+        if not isinstance(args, ProjBPConfig):
+            raise TypeError(f"ProjBPTrainer needs args=ProjBPConfig(...), got {type(args).__name__}")
+        super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = {}
+
+        def keep_policy_output(name):
+            def hook(module, args, output):
+                tensor = first_tensor(output)
+                if name not in outputs and tensor.requires_grad:
+                    outputs[name] = tensor
+
+            return hook
+
+        handles = [m.register_forward_hook(keep_policy_output(n)) for n, m in self.projected.items()]
+        try:
+            with self.collector.capture(inputs["completion_mask"], inputs["attention_mask"]) as states:
+                output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if torch.is_grad_enabled() and self.model.training:
+            if not outputs:
+                raise RuntimeError(
+                    "ProjBP found no adapted-module output that requires grad; with gradient checkpointing set "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}"
+                )
+            for name, vectors in self.preference_vectors(states).items():
+                directions = unit(vectors).repeat(2, 1)  # rows [B chosen; B rejected] share pair i's direction
+                outputs[name].register_hook(self._edit(directions))
+        return output
+
+    def _edit(self, directions):
+        def hook(grad):
+            return project_rows(grad, directions, self.args.proj_beta, self.args.renorm)
+
+        return hook

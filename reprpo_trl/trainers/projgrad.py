@@ -1,0 +1,175 @@
+"""ProjGrad: DPO whose gradient is projected, once per optimizer step, onto the reference's preference direction.
+
+For every adapted module m, forward hooks pool its output for the policy and the reference; the step's direction
+is u_m = unit(sum over the step's examples of r_c - r_r), accumulated over gradient-accumulation micro-batches and
+summed across processes. Before clipping, every trainable tensor with an output axis (LoRA B, a full weight, an
+IA3 output scale) gets G' = G_par + beta * G_perp along u_m (see `reprpo_trl.projection`). With `project_update`
+the parameter change the optimizer made is split the same way, which keeps the update in span(u_m) for Adam too.
+
+Backends: single process and DDP (the edit runs on the all-reduced gradient after the last micro-batch's
+backward). DeepSpeed and FSDP own the gradient and the step, so ProjGrad refuses them at start-up; ProjBP, which
+edits activation gradients inside backward, runs there.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from ..projection import adapted_modules, output_axis_parameters, project_output_axis, unit
+from ..sites import POOLINGS, StateCollector, unwrap
+from .backends import refuse_sharded_backends
+
+DIRECTION_SOURCES = ("reference", "policy")
+
+
+@dataclass
+class GradientProjectionConfig(DPOConfig):
+    """Fields shared by ProjGrad and ProjBP. Every field is a YAML key and a CLI flag."""
+
+    proj_beta: float = field(
+        default=0.0,
+        metadata={"help": "Weight beta of the gradient component orthogonal to the preference direction (1 = DPO)."},
+    )
+    renorm: bool = field(default=False, metadata={"help": "Rescale each edited gradient to its original norm."})
+    direction_source: str = field(
+        default="reference",
+        metadata={"help": f"Whose pooled module outputs give the direction r_c - r_r: one of {DIRECTION_SOURCES}."},
+    )
+    proj_modules: str | None = field(
+        default=None, metadata={"help": "Regex narrowing the adapted modules that are projected (default: all)."}
+    )
+    pooling: str = field(
+        default="completion_mean", metadata={"help": f"Pooling of module outputs, one of {POOLINGS}."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.proj_beta <= 1.0:
+            raise ValueError(f"proj_beta={self.proj_beta} must lie in [0, 1]")
+        if self.direction_source not in DIRECTION_SOURCES:
+            raise ValueError(f"direction_source={self.direction_source!r}: choose one of {DIRECTION_SOURCES}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}: choose one of {POOLINGS}")
+        if self.direction_source == "reference" and self.precompute_ref_log_probs:
+            raise ValueError(
+                "direction_source=reference needs the reference forward at every step, but "
+                "precompute_ref_log_probs=True skips it; turn precompute off or use direction_source=policy"
+            )
+
+
+@dataclass
+class ProjGradConfig(GradientProjectionConfig):
+    project_update: bool = field(
+        default=False,
+        metadata={
+            "help": "Also split the parameter change the optimizer made (theta_old + D_par + beta * D_perp), so the "
+            "update stays in span(u) under Adam's per-element scaling."
+        },
+    )
+
+
+class PreferenceDirectionTrainer(DPOTrainer):
+    """DPOTrainer that pools every adapted module's output for policy and reference around `compute_loss`."""
+
+    def __init__(self, model, ref_model=None, args: GradientProjectionConfig | None = None, **kwargs):
+        if not isinstance(args, GradientProjectionConfig):
+            raise TypeError(f"{type(self).__name__} needs its config class as args, got {type(args).__name__}")
+        super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        self.projected = adapted_modules(self.model, args.proj_modules)
+        reference = unwrap(self.ref_model) if self.ref_model is not None else None
+        sites = {
+            name: [module] + ([reference.get_submodule(name)] if reference is not None else [])
+            for name, module in self.projected.items()
+        }
+        self.collector = StateCollector(sites, args.pooling, detach=True)
+
+    def preference_vectors(self, states: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per module, r_c - r_r per example (B, d_out), from the reference call (or the policy's, detached)."""
+        call = 1 if self.args.direction_source == "reference" else 0
+        vectors = {}
+        for name, pooled in states.items():
+            if len(pooled) <= call:
+                raise RuntimeError(f"module {name}: no reference forward was recorded in this compute_loss call")
+            chosen, rejected = pooled[call].detach().chunk(2)
+            vectors[name] = chosen - rejected
+        return vectors
+
+    def _log_metric(self, name, values):
+        value = torch.stack(values).mean() if values else torch.tensor(float("nan"))
+        self._metrics["train"][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).nanmean().item())
+
+
+class ProjGradTrainer(PreferenceDirectionTrainer):
+    """TRL's DPOTrainer with per-step gradient projection; see the module docstring."""
+
+    _tag_names = ["trl", "dpo", "projgrad"]
+
+    def __init__(self, model, ref_model=None, args: ProjGradConfig | None = None, **kwargs):
+        if not isinstance(args, ProjGradConfig):
+            raise TypeError(f"ProjGradTrainer needs args=ProjGradConfig(...), got {type(args).__name__}")
+        super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        refuse_sharded_backends(
+            self,
+            "ProjGrad (it edits the complete gradient between backward and the optimizer step)",
+            "launch single-process or DDP, or use ProjBP (trainer: projbp), which edits activation gradients inside "
+            "backward and runs there",
+        )
+        self.parameters_of = {name: output_axis_parameters(m) for name, m in self.projected.items()}
+        self.direction_sums: dict[str, torch.Tensor] = {}
+        self.directions: dict[str, torch.Tensor] = {}  # the last step's unit directions, by module name
+        self._before_step: dict[torch.Tensor, torch.Tensor] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.collector.capture(inputs["completion_mask"], inputs["attention_mask"]) as states:
+            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training:
+            for name, vectors in self.preference_vectors(states).items():
+                self.direction_sums[name] = self.direction_sums.get(name, 0) + vectors.sum(0)
+        return output
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self.project_gradients()
+        return loss
+
+    @torch.no_grad()
+    def project_gradients(self):
+        """Turns the accumulated direction sums into unit directions and edits the gradients in place."""
+        self.directions = {
+            name: unit(self.accelerator.reduce(total, "sum")) for name, total in sorted(self.direction_sums.items())
+        }
+        self.direction_sums = {}
+        kept = []
+        for name, direction in self.directions.items():
+            for parameter in self.parameters_of[name]:
+                if parameter.grad is None:
+                    continue
+                grad = parameter.grad
+                parallel = project_output_axis(grad, direction, 0.0, False)
+                kept.append(parallel.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
+                parameter.grad = project_output_axis(grad, direction, self.args.proj_beta, self.args.renorm)
+        self._log_metric("projgrad/parallel_fraction", kept)
+
+    def create_optimizer(self, model=None):
+        first_call = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if first_call and self.args.project_update:
+            optimizer.register_step_pre_hook(self._remember_parameters)
+            optimizer.register_step_post_hook(self._project_update)
+        return optimizer
+
+    @torch.no_grad()
+    def _remember_parameters(self, optimizer, args, kwargs):
+        self._before_step = {p: p.detach().clone() for ps in self.parameters_of.values() for p in ps}
+
+    @torch.no_grad()
+    def _project_update(self, optimizer, args, kwargs):
+        """theta <- theta_old + D_par + beta * D_perp for D = theta - theta_old, along each module's direction."""
+        for name, direction in self.directions.items():
+            for parameter in self.parameters_of[name]:
+                before = self._before_step[parameter]
+                change = project_output_axis(parameter - before, direction, self.args.proj_beta, self.args.renorm)
+                parameter.copy_(before + change)
+        self._before_step = {}
