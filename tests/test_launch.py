@@ -59,25 +59,33 @@ def multi_cpu_config(tmp_path, port):
     return config
 
 
-def test_projgrad_under_ddp_matches_one_process(tmp_path, tiny_recipe):
-    """One step on 4 pairs, as 2 processes x 2 pairs or 1 process x 4 pairs: the gradient is all-reduced and the
-    direction summed over both processes before the projection, so the trained adapters agree."""
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"trainer": "projgrad", "proj_beta": 0.2},
+        {"trainer": "reprpo", "layers": "1,2", "hidden_loss": "rank", "transform": "ether"},
+    ],
+    ids=["projgrad", "reprpo-ether"],
+)
+def test_ddp_matches_one_process(method, tmp_path, tiny_recipe):
+    """One SGD step on 4 pairs, as 2 processes x 2 pairs or 1 process x 4 pairs, gives the same adapter (and
+    transform): ProjGrad sums its direction over processes before projecting the all-reduced gradient, and ReprPO
+    averages the gradients of the transform, which lives outside the DDP model."""
     from safetensors.torch import load_file
 
     recipe = yaml.safe_load(tiny_recipe.read_text())
     del recipe["layers"], recipe["precompute_ref_log_probs"]
-    recipe.update(trainer="projgrad", proj_beta=0.2, optim="sgd", learning_rate=0.5)
-    recipe.update(max_train_samples=4, max_steps=1)
-    adapters = []
+    recipe.update(method, optim="sgd", learning_rate=0.5, max_train_samples=4, max_steps=1)
+    files = ["adapter_model.safetensors"] + (["reprpo_transforms.safetensors"] if "transform" in method else [])
+    weights = []
     for processes, config in ((1, ROOT / "accelerate_configs" / "single.yaml"), (2, multi_cpu_config(tmp_path, 29534))):
         out = tmp_path / f"out{processes}"
-        path = tmp_path / f"projgrad{processes}.yaml"
+        path = tmp_path / f"recipe{processes}.yaml"
         path.write_text(yaml.safe_dump({**recipe, "output_dir": str(out), "per_device_train_batch_size": 4 // processes}))
         result = launch(config, path)
         assert result.returncode == 0, result.stderr[-3000:]
-        adapters.append(load_file(out / "adapter_model.safetensors"))
-    assert adapters[0].keys() == adapters[1].keys()
-    moved = [k for k, v in adapters[0].items() if "lora_B" in k and v.abs().max() > 0]
-    assert moved
-    for key in adapters[0]:
-        torch.testing.assert_close(adapters[0][key], adapters[1][key], atol=1e-5, rtol=1e-3)
+        weights.append({f"{f}:{k}": v for f in files for k, v in load_file(out / f).items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights[0].items())
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], atol=1e-5, rtol=1e-3)
