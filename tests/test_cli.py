@@ -40,20 +40,22 @@ def saved_model(tmp_path, tokenizer):
     return str(path)
 
 
-@pytest.mark.parametrize("trainer", ["dpo", "reprpo"])
-def test_end_to_end(trainer, tmp_path, saved_model):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "trainer": trainer, "model_name_or_path": saved_model, "use_peft": True, "lora_r": 4,
-        "lora_target_modules": ["q_proj", "v_proj"], "train_dataset": "suite:add_small:train",
-        "max_train_samples": 8, "max_length": 64, "per_device_train_batch_size": 4, "max_steps": 2,
-        "output_dir": str(tmp_path / "out"), "report_to": "none", "save_strategy": "no", "use_cpu": True,
-        "bf16": False, "logging_steps": 1,
-    }))  # fmt: skip
-    extra = ["--layers", "1,2"] if trainer == "reprpo" else []
-    trainer_obj = run(["--config", str(recipe), *extra])
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_trains_end_to_end(recipe, tmp_path, saved_model):
+    """Each recipe as shipped, on a tiny model and 8 pairs for one step: it builds, trains, logs and saves."""
+    trainer = yaml.safe_load(recipe.read_text())["trainer"]
+    flags = ["--model_name_or_path", saved_model, "--max_train_samples", "8", "--max_steps", "1",
+             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--eval_strategy", "no",
+             "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
+    if trainer == "reprpo":
+        flags += ["--layers", "1,2"]
+    trainer_obj = run(["--config", str(recipe), *flags])
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-    assert ("loss/hidden" in trainer_obj.state.log_history[0]) == (trainer == "reprpo")
+    logged = trainer_obj.state.log_history[0]
+    assert ("loss/hidden" in logged) == (trainer == "reprpo")
+    assert ("projgrad/parallel_fraction" in logged) == (trainer == "projgrad")
+    if yaml.safe_load(recipe.read_text()).get("transform", "none") != "none":
+        assert (tmp_path / "out" / "reprpo_transforms.json").exists()
 
 
 def test_truncation_refused(tmp_path, saved_model):
