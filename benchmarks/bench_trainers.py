@@ -21,6 +21,16 @@ CONFIGS = {  # name -> (trainer, extra config)
     "reprpo_prefvec": ("reprpo", {"hidden_loss": "prefvec"}),
     "reprpo_mse": ("reprpo", {"hidden_loss": "mse"}),
     "reprpo_prefvec_precompute": ("reprpo", {"hidden_loss": "prefvec", "precompute_ref_log_probs": True}),
+    "reprpo_side_prefvec": ("reprpo", {"hidden_loss": "prefvec", "collection": "side"}),
+    "reprpo_suppressed_innerdpo": ("reprpo", {"hidden_loss": "innerdpo", "collection": "suppressed"}),
+    "reprpo_rank_ether": ("reprpo", {"hidden_loss": "rank", "transform": "ether"}),
+    "reprpo_rank_etherplus": ("reprpo", {"hidden_loss": "rank", "transform": "etherplus"}),
+    "reprpo_rank_hra": ("reprpo", {"hidden_loss": "rank", "transform": "hra"}),
+    "reprpo_rank_ortho": ("reprpo", {"hidden_loss": "rank", "transform": "ortho", "ortho_map": "cayley"}),
+    "reprpo_rank_svd": ("reprpo", {"hidden_loss": "rank", "transform": "svd"}),
+    "projgrad": ("projgrad", {"proj_beta": 0.0}),
+    "projgrad_update": ("projgrad", {"proj_beta": 0.0, "project_update": True}),
+    "projbp": ("projbp", {"proj_beta": 0.0}),
 }
 
 
@@ -28,11 +38,10 @@ def run_one(name, model_name, steps, batch, device):
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
-    from reprpo_trl import ReprPOConfig, ReprPOTrainer
     from reprpo_trl.data import make_family
     from reprpo_trl.models import resolve_model
+    from reprpo_trl.train import TRAINERS
 
     trainer_kind, extra = CONFIGS[name]
     path = resolve_model(model_name)
@@ -44,7 +53,7 @@ def run_one(name, model_name, steps, batch, device):
         report_to="none", save_strategy="no", logging_steps=steps, use_cpu=device == "cpu", bf16=device == "cuda",
         max_length=128, seed=0, disable_tqdm=True,
     )  # fmt: skip
-    config_class, trainer_class = (DPOConfig, DPOTrainer) if trainer_kind == "dpo" else (ReprPOConfig, ReprPOTrainer)
+    config_class, trainer_class = TRAINERS[trainer_kind]
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     trainer = trainer_class(
         model, args=config_class(**common, **extra), train_dataset=data, processing_class=tokenizer, peft_config=lora
