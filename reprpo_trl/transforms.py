@@ -22,6 +22,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from .io import atomic_write_text
 
+TRANSFORMS = ("none", "ether", "etherplus", "hra", "ortho", "svd")
 ORTHO_MAPS = ("householder", "cayley", "matrix_exp")
 ORTHOGONAL = ("ether", "hra", "ortho")  # maps that leave mse / innerdpo / prefvec unchanged
 TRANSFORMS_FILE = "reprpo_transforms"  # .json (how to rebuild) + .safetensors (weights) beside the adapter
@@ -150,9 +151,6 @@ def build_transform(name: str, dim: int, unembedding=None, **kwargs) -> nn.Modul
     if name not in builders:
         raise ValueError(f"transform={name!r}: choose one of {sorted([*builders, 'svd'])}")
     return builders[name]()
-
-
-TRANSFORMS = ("none", "ether", "etherplus", "hra", "ortho", "svd")
 
 
 class SiteTransforms(nn.Module):

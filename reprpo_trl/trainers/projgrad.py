@@ -95,10 +95,6 @@ class PreferenceDirectionTrainer(DPOTrainer):
             vectors[name] = chosen - rejected
         return vectors
 
-    def _log_metric(self, name, values):
-        value = torch.stack(values).mean() if values else torch.tensor(float("nan"))
-        self._metrics["train"][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).nanmean().item())
-
 
 class ProjGradTrainer(PreferenceDirectionTrainer):
     """TRL's DPOTrainer with per-step gradient projection; see the module docstring."""
@@ -150,7 +146,10 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
                 parallel = project_output_axis(grad, direction, 0.0, False)
                 kept.append(parallel.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
                 parameter.grad = project_output_axis(grad, direction, self.args.proj_beta, self.args.renorm)
-        self._log_metric("projgrad/parallel_fraction", kept)
+        fraction = torch.stack(kept).mean() if kept else torch.tensor(float("nan"), device=self.accelerator.device)
+        self._metrics["train"]["projgrad/parallel_fraction"].append(
+            self.accelerator.gather_for_metrics(fraction.reshape(1)).nanmean().item()
+        )
 
     def create_optimizer(self, model=None):
         first_call = self.optimizer is None

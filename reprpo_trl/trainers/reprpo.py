@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from datasets import Dataset, concatenate_datasets
 from accelerate.utils import broadcast_object_list
+from datasets import Dataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -23,8 +23,8 @@ from trl import DPOConfig, DPOTrainer
 
 from ..losses import HIDDEN_LOSSES, preference_geometry
 from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, unwrap
-from .backends import refuse_sharded_backends
 from ..transforms import ORTHO_MAPS, ORTHOGONAL, TRANSFORMS, SiteTransforms
+from .backends import refuse_sharded_backends
 
 REF_STATES = "ref_states"  # dataset column / batch key: (2, sum of raw site widths) pooled reference states per pair
 INVARIANT_LOSSES = ("mse", "innerdpo", "prefvec")  # built from inner products and norms only
