@@ -143,8 +143,8 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
                 if parameter.grad is None:
                     continue
                 grad = parameter.grad
-                parallel = project_output_axis(grad, direction, 0.0, False)
-                kept.append(parallel.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
+                along = direction.to(grad.dtype) @ grad.reshape(grad.shape[0], -1)  # |G_par| = |u^T G| for unit u
+                kept.append(along.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
                 parameter.grad = project_output_axis(grad, direction, self.args.proj_beta, self.args.renorm)
         fraction = torch.stack(kept).mean() if kept else torch.tensor(float("nan"), device=self.accelerator.device)
         self._metrics["train"]["projgrad/parallel_fraction"].append(
