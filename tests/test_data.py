@@ -25,6 +25,14 @@ def test_suite_families_are_large_deterministic_and_split(family):
     assert all(c != r for c, r in zip(test["chosen"], test["rejected"]))
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_validation_split_is_disjoint_from_train_and_test(family):
+    prompts = {split: set(make_family(family, split, n=100)["prompt"]) for split in ("train", "validation", "test")}
+    assert not prompts["validation"] & (prompts["train"] | prompts["test"])
+    with pytest.raises(ValueError, match="suite split 'dev'"):
+        make_family(family, "dev", n=5)
+
+
 def test_suite_answers_are_right():
     for row in make_family("add_small", "test", n=100):
         a, b = (int(x) for x in row["prompt"].split("What is ")[1].split("?")[0].split(" + "))

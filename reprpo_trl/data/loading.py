@@ -3,7 +3,8 @@
 A dataset spec is one string:
     suite:<family>:<split>            the offline suite (reprpo_trl.data.suite), e.g. suite:add_small:train
     path/to/file.{parquet,json,jsonl,csv}   a local file
-    <hub id>[:<config>[:<split>]]     a hub dataset, e.g. wassname/genies_preferences:math:train
+    <hub id>[:<config>[:<split>]]     a hub dataset, e.g. wassname/genies_preferences:math:train; the split
+                                      takes datasets' slicing, e.g. train[:90%]
 Rows need `prompt`, `chosen` and `rejected`, as strings or as chat message lists.
 """
 
@@ -30,7 +31,7 @@ def load_preference_dataset(spec: str, n: int | None = None, seed: int = 0) -> D
             raise FileNotFoundError(f"preference dataset file {spec!r} does not exist")
         dataset = load_dataset(_FILE_FORMATS[Path(spec).suffix], data_files=spec, split="train")
     else:
-        hub_id, config, split = (spec.split(":") + [None, None])[:3]
+        hub_id, config, split = (spec.split(":", 2) + [None, None])[:3]
         dataset = load_dataset(hub_id, config or None, split=split or "train")
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))

@@ -10,7 +10,8 @@ shift each one plays (see docs/data.md):
     add_large   a + b with a, b in [1000, 9999]; off by 1, 10 or 100             difficulty
     capitals    capital city of a country; rejected = another country's capital  unrelated
 
-`train` and `in_domain` come from the same family but from disjoint operand pairs.
+`train`, `validation` and `in_domain` (test) come from the same family but from disjoint operand pairs; the
+validation split is for model selection only and is never reported.
 """
 
 import hashlib
@@ -90,23 +91,28 @@ FAMILIES = {
 }
 
 
-def _split_of(key: tuple, test_fraction: float) -> str:
-    """Deterministic split by the problem's identity (operands, country), so train and test never share one."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return "test" if digest[0] / 256 < test_fraction else "train"
+SPLITS = ("train", "validation", "test")
 
 
-def make_family(name: str, split: str = "train", n: int = 600, seed: int = 0, test_fraction: float = 0.3) -> Dataset:
-    """`n` unique preference pairs of family `name` from `split` ("train" or "test"), reproducible by `seed`."""
+def _split_of(key: tuple, test_fraction: float, validation_fraction: float) -> str:
+    """Deterministic split by the problem's identity (operands, country), so no two splits share one."""
+    u = hashlib.sha256(repr(key).encode()).digest()[0] / 256
+    return "test" if u < test_fraction else "validation" if u < test_fraction + validation_fraction else "train"
+
+
+def make_family(
+    name: str, split: str = "train", n: int = 600, seed: int = 0, test_fraction: float = 0.3, validation_fraction: float = 0.1
+) -> Dataset:
+    """`n` unique preference pairs of family `name` from `split` (one of SPLITS), reproducible by `seed`."""
     if name not in FAMILIES:
         raise ValueError(f"unknown suite family {name!r}: choose one of {sorted(FAMILIES)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"suite split {split!r}: choose 'train' or 'test'")
+    if split not in SPLITS:
+        raise ValueError(f"suite split {split!r}: choose one of {SPLITS}")
     rng = random.Random(f"{name}-{seed}")
     rows, seen = [], set()
     for _ in range(200 * n):
         key, prompt, right, wrong = FAMILIES[name](rng)
-        if _split_of(key, test_fraction) != split or (prompt, wrong) in seen:
+        if _split_of(key, test_fraction, validation_fraction) != split or (prompt, wrong) in seen:
             continue
         seen.add((prompt, wrong))
         rows.append({"prompt": prompt, "chosen": f" {right}", "rejected": f" {wrong}"})
