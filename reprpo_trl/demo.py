@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import SUITE_SHIFTS
-from .eval import evaluate_shifts
+from .eval import evaluate_shifts, load_shifts
 from .io import atomic_write_text
 from .train import build_trainer, parse_args
 
@@ -38,12 +38,13 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     trainer = build_trainer(run_args, train_args, model_args)
     model, tokenizer = trainer.model, trainer.processing_class
     batch = train_args.per_device_eval_batch_size
+    data = load_shifts(SUITE_SHIFTS, n=eval_samples, seed=train_args.seed)
     print(f"Evaluating the base model on {sum(map(len, SUITE_SHIFTS.values()))} datasets ...")
-    base = evaluate_shifts(model, tokenizer, SUITE_SHIFTS, n=eval_samples, batch_size=batch, seed=train_args.seed)
+    base = evaluate_shifts(model, tokenizer, data, batch_size=batch)
     trainer.train()
     trainer.save_model(train_args.output_dir)
     print("Evaluating the trained model ...")
-    trained = evaluate_shifts(model, tokenizer, SUITE_SHIFTS, n=eval_samples, batch_size=batch, seed=train_args.seed)
+    trained = evaluate_shifts(model, tokenizer, data, batch_size=batch)
     table = compare(base, trained)
     atomic_write_text(Path(train_args.output_dir) / "shift_eval.csv", table.to_csv(index=False))
     print(f"\n{run_args.trainer} ({getattr(train_args, 'hidden_loss', 'dpo')}) vs base, {eval_samples} pairs per dataset:")

@@ -16,7 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
 
 from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
+from .eval import load_shift_spec
+from .eval.callback import ShiftEvalCallback
 from .models import resolve_model
+from .provenance import write_run_record
 from .trainers import ProjBPConfig, ProjBPTrainer, ProjGradConfig, ProjGradTrainer, ReprPOConfig, ReprPOTrainer
 
 TRAINERS = {
@@ -42,6 +45,11 @@ class RunArguments:
     conversational: bool = field(
         default=False, metadata={"help": "Turn plain prompt/chosen/rejected rows into chat messages first."}
     )
+    shift_eval: str | None = field(
+        default=None, metadata={"help": "Shift spec YAML to evaluate every shift_eval_steps steps (generalisation curves)."}
+    )
+    shift_eval_steps: int = field(default=50, metadata={"help": "Steps between shift evaluations."})
+    shift_eval_samples: int = field(default=32, metadata={"help": "Pairs per dataset in each shift evaluation."})
     max_truncated_fraction: float = field(
         default=0.05,
         metadata={"help": "Refuse to train when more than this fraction of pairs is longer than max_length."},
@@ -99,7 +107,7 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig):
     )
     datasets = load_data(run_args, train_args, tokenizer)
     _, trainer_class = TRAINERS[run_args.trainer]
-    return trainer_class(
+    trainer = trainer_class(
         model,
         args=train_args,
         train_dataset=datasets["train"],
@@ -107,14 +115,29 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    if run_args.shift_eval:
+        trainer.add_callback(
+            ShiftEvalCallback(
+                trainer, load_shift_spec(run_args.shift_eval), every=run_args.shift_eval_steps, n=run_args.shift_eval_samples,
+                batch_size=train_args.per_device_eval_batch_size, seed=train_args.seed,
+            )
+        )  # fmt: skip
+    return trainer
+
+
+def _recipe_path(argv: list[str] | None) -> str | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv[argv.index("--config") + 1] if "--config" in argv else None
 
 
 def run(argv: list[str] | None = None):
-    """Parse, train, save the model (the adapter, for peft) to output_dir; return the trainer."""
+    """Parse, train, save the model (the adapter, for peft) and the run record to output_dir; return the trainer."""
     run_args, train_args, model_args = parse_args(argv)
     trainer = build_trainer(run_args, train_args, model_args)
     trainer.train()
     trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        write_run_record(train_args.output_dir, run_args, train_args, model_args, recipe=_recipe_path(argv))
     return trainer
 
 

@@ -56,3 +56,12 @@ def pairs():
     from reprpo_trl.data import make_family
 
     return make_family("add_small", "train", n=16)
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer):
+    """A tiny random model and its tokenizer saved to a directory, for code that loads by path."""
+    path = tmp_path / "tiny"
+    make_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

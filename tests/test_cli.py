@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-
-from conftest import make_model
 from reprpo_trl import ReprPOConfig
+from reprpo_trl.provenance import method_name, read_run_record
 from reprpo_trl.train import TRAINERS, main, parse_args, run, trainer_name
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
@@ -32,14 +31,6 @@ def test_unknown_trainer():
         trainer_name(["--trainer", "ppo"])
 
 
-@pytest.fixture
-def saved_model(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    make_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_trains_end_to_end(recipe, tmp_path, saved_model):
     """Each recipe as shipped, on a tiny model and 8 pairs for one step: it builds, trains, logs and saves."""
@@ -56,6 +47,20 @@ def test_every_recipe_trains_end_to_end(recipe, tmp_path, saved_model):
     assert ("projgrad/parallel_fraction" in logged) == (trainer == "projgrad")
     if yaml.safe_load(recipe.read_text()).get("transform", "none") != "none":
         assert (tmp_path / "out" / "reprpo_transforms.json").exists()
+    record = read_run_record(tmp_path / "out")
+    assert record["recipe"] == str(recipe) and record["trainer"] == trainer and record["seed"] == 42
+    assert record["method"] == method_name(trainer, trainer_obj.args)
+
+
+def test_shift_eval_flags_add_generalisation_curves(tmp_path, saved_model):
+    shifts = str(Path(__file__).parents[1] / "recipes" / "shifts" / "suite.yaml")
+    trainer = run(["--trainer", "dpo", "--model_name_or_path", saved_model, "--max_train_samples", "8", "--max_steps", "2",
+                   "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), "--use_cpu", "true",
+                   "--report_to", "none", "--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj",
+                   "--shift_eval", shifts, "--shift_eval_steps", "1", "--shift_eval_samples", "4"])  # fmt: skip
+    curves = [row for row in trainer.state.log_history if "shift/cross_domain/acc" in row]
+    assert [row["step"] for row in curves] == [1, 2] and "shift/unrelated/nll_ratio" in curves[0]
+    assert read_run_record(tmp_path)["method"] == "dpo"
 
 
 def test_truncation_refused(tmp_path, saved_model):

@@ -1,5 +1,16 @@
 """Evaluation: preference accuracy and coherence across distribution shifts."""
 
-from .preference import evaluate_shifts, preference_metrics, score_pairs
+from .preference import add_coherence_ratio, evaluate_shifts, load_shifts, preference_metrics, score_pairs
+from .shifts import REPORTED_SHIFTS, SELECTION_SHIFT, check_shift_spec, load_shift_spec
 
-__all__ = ["evaluate_shifts", "preference_metrics", "score_pairs"]
+__all__ = [
+    "REPORTED_SHIFTS",
+    "SELECTION_SHIFT",
+    "add_coherence_ratio",
+    "check_shift_spec",
+    "evaluate_shifts",
+    "load_shift_spec",
+    "load_shifts",
+    "preference_metrics",
+    "score_pairs",
+]

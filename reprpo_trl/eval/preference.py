@@ -3,11 +3,12 @@
 For each pair, with l_t the log-prob of completion token t under the model:
     score_mean = mean_t l_t,  score_sum = sum_t l_t
     correct (mean variant) = score_mean(chosen) > score_mean(rejected)   [sigma(score_c - score_r) > 0.5]
-    coherence: nll_chosen = -score_mean(chosen)
+    coherence: nll_chosen = -mean over pairs of score_mean(chosen); nll_ratio = nll_chosen / nll_chosen(base)
 """
 
 import pandas as pd
 import torch
+from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -51,12 +52,34 @@ def preference_metrics(scores: pd.DataFrame) -> dict:
     }
 
 
-def evaluate_shifts(model, tokenizer, shifts: dict[str, list[str]], n: int = 200, batch_size: int = 16, seed: int = 0):
-    """One row per (shift, dataset spec) with `preference_metrics` of `model`."""
+def load_shifts(shifts: dict[str, list[str]], n: int | None = 200, seed: int = 0) -> dict[str, dict[str, Dataset]]:
+    """shift -> dataset spec -> the first `n` validated pairs of that dataset."""
+    return {shift: {spec: load_preference_dataset(spec, n=n, seed=seed) for spec in specs} for shift, specs in shifts.items()}
+
+
+def evaluate_shifts(model, tokenizer, shifts: dict[str, dict[str, Dataset]], batch_size: int = 16, max_length=None):
+    """One row per (shift, dataset) of `load_shifts` output with `preference_metrics` of `model`."""
     rows = []
-    for shift, specs in shifts.items():
-        for spec in specs:
-            dataset = load_preference_dataset(spec, n=n, seed=seed)
-            scores = score_pairs(model, tokenizer, dataset, batch_size=batch_size, desc=f"eval {spec}")
-            rows.append({"shift": shift, "dataset": spec, "n": len(dataset), **preference_metrics(scores)})
+    for shift, datasets in shifts.items():
+        for spec, dataset in datasets.items():
+            scores = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length, desc=f"eval {spec}")
+            rows.append(
+                {"shift": shift, "dataset": spec, "fingerprint": dataset._fingerprint, "n": len(dataset),
+                 **preference_metrics(scores)}
+            )  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def add_coherence_ratio(results: pd.DataFrame, base_label: str = "base") -> pd.DataFrame:
+    """Add nll_ratio = nll_chosen / nll_chosen of the base model on the same data (matched by fingerprint).
+
+    Above 1: the evaluated model finds the preferred completions less likely than the base did (less coherent).
+    """
+    base = results[results.label == base_label].drop_duplicates("fingerprint").set_index("fingerprint").nll_chosen
+    missing = set(results.fingerprint) - set(base.index)
+    if missing:
+        raise ValueError(
+            f"no {base_label!r} rows for {len(missing)} dataset(s) in these results; evaluate the base model on the "
+            "same datasets (same specs, n and seed) to get coherence ratios"
+        )
+    return results.assign(nll_ratio=results.nll_chosen / results.fingerprint.map(base))

@@ -1,0 +1,46 @@
+"""Shift specs: which datasets play which distribution shift (SPEC "Evaluation across distribution shifts").
+
+A shift spec is a YAML mapping from shift to a list of dataset specs (see reprpo_trl.data.loading):
+
+    validation: [suite:add_small:validation]   # model selection only, never reported
+    train: [suite:add_small:train]
+    in_domain: [suite:add_small:test]
+    cross_domain: [suite:add_word:test, suite:sub_small:test]
+    difficulty: [suite:add_large:test]
+    unrelated: [suite:capitals:test]
+"""
+
+from pathlib import Path
+
+import yaml
+
+REPORTED_SHIFTS = ("train", "in_domain", "cross_domain", "difficulty", "unrelated")
+SELECTION_SHIFT = "validation"
+
+
+def check_shift_spec(spec: dict, name: str) -> dict[str, list[str]]:
+    """The spec with shifts in canonical order; errors name the spec and the offending key."""
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"shift spec {name!r}: expected a mapping shift -> list of dataset specs")
+    allowed = (SELECTION_SHIFT, *REPORTED_SHIFTS)
+    for shift, datasets in spec.items():
+        if shift not in allowed:
+            raise ValueError(f"shift spec {name!r}: unknown shift {shift!r}; use {list(allowed)}")
+        if not isinstance(datasets, list) or not datasets or not all(isinstance(d, str) for d in datasets):
+            raise ValueError(f"shift spec {name!r}: shift {shift!r} must be a non-empty list of dataset specs")
+    reported = {d for shift in REPORTED_SHIFTS for d in spec.get(shift, [])}
+    leaked = sorted(reported & set(spec.get(SELECTION_SHIFT, [])))
+    if leaked:
+        raise ValueError(
+            f"shift spec {name!r}: {leaked} is both a {SELECTION_SHIFT!r} dataset and a reported one; a split "
+            "used to select models must never be reported"
+        )
+    return {shift: list(spec[shift]) for shift in allowed if shift in spec}
+
+
+def load_shift_spec(path: str | Path) -> dict[str, list[str]]:
+    """Read and check a shift spec YAML file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"shift spec {str(path)!r} does not exist")
+    return check_shift_spec(yaml.safe_load(path.read_text()), str(path))

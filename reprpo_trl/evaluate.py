@@ -1,0 +1,107 @@
+"""reprpo-eval: preference accuracy and coherence of a base model and trained models across distribution shifts.
+
+    reprpo-eval --base embedded/SmolLM2-135M-Instruct --models outputs/dpo outputs/reprpo_prefvec \
+        --shifts recipes/shifts/suite.yaml --out results/eval
+
+Each of --models is a peft adapter directory (loaded onto --base) or a full model directory. Writes one row
+per (model, shift, dataset) to <out>.parquet and <out>.csv, atomically, with provenance: label, method,
+recipe, seed and learning rate from the run record reprpo-train leaves, the code revisions of training and
+evaluation, and each dataset's fingerprint.
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .eval import add_coherence_ratio, evaluate_shifts, load_shift_spec, load_shifts
+from .io import write_table
+from .models import resolve_model
+from .provenance import code_revision, read_run_record
+
+BASE_LABEL = "base"
+
+
+def _load(path: str, dtype: str, device: str):
+    return AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=getattr(torch, dtype)).to(device)
+
+
+@torch.no_grad()
+def evaluate_models(
+    base: str,
+    models: list[str] = (),
+    shifts: dict[str, list[str]] | str = "recipes/shifts/suite.yaml",
+    n: int = 200,
+    batch_size: int = 16,
+    seed: int = 0,
+    labels: list[str] | None = None,
+    dtype: str = "float32",
+    max_length: int | None = None,
+    include_base: bool = True,
+) -> pd.DataFrame:
+    """Results of the base model (label 'base') and of each model in `models` on every dataset of `shifts`."""
+    if labels is not None and len(labels) != len(models):
+        raise ValueError(f"got {len(labels)} labels for {len(models)} models; give one label per model or none")
+    shifts = load_shift_spec(shifts) if isinstance(shifts, (str, Path)) else shifts
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(base))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = load_shifts(shifts, n=n, seed=seed)
+    base_model = _load(base, dtype, device)
+    common = {"base_model": base, "eval_seed": seed, "eval_git_revision": code_revision()}
+
+    def run(model, label, adapter, record):
+        table = evaluate_shifts(model, tokenizer, data, batch_size=batch_size, max_length=max_length)
+        provenance = {"label": label, "method": record.get("method", label), "adapter": adapter,
+                      "recipe": record.get("recipe"), "seed": record.get("seed"),
+                      "learning_rate": record.get("learning_rate"), "git_revision": record.get("git_revision")}  # fmt: skip
+        return table.assign(**provenance, **common)
+
+    tables = [run(base_model, BASE_LABEL, "", {"method": BASE_LABEL})] if include_base else []
+    for i, path in enumerate(models):
+        record = read_run_record(path)
+        label = labels[i] if labels else record.get("method", Path(path).name)
+        if (Path(path) / "adapter_config.json").exists():
+            model = PeftModel.from_pretrained(base_model, path).to(device)
+            tables.append(run(model, label, str(path), record))
+            # take the adapter out again (prompt learning never put layers into the base), base weights untouched
+            base_model = model.get_base_model() if model.active_peft_config.is_prompt_learning else model.unload()
+        else:
+            tables.append(run(_load(path, dtype, device), label, "", {**record, "base_model": path}))
+    results = pd.concat(tables, ignore_index=True)
+    return add_coherence_ratio(results, BASE_LABEL) if include_base else results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="reprpo-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="embedded/SmolLM2-135M-Instruct", help="Base model: hub id, path or the embedded name.")
+    parser.add_argument("--models", nargs="*", default=[], help="Trained adapter or model directories.")
+    parser.add_argument("--labels", nargs="*", default=None, help="One label per --models entry (default: the run's method).")
+    parser.add_argument("--shifts", default="recipes/shifts/suite.yaml", help="Shift spec YAML (see recipes/shifts/).")
+    parser.add_argument("--out", required=True, help="Results path without suffix; .parquet and .csv are written.")
+    parser.add_argument("--n", type=int, default=200, help="Pairs per dataset (the first n).")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="Seed for generated (suite) datasets.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max_length", type=int, default=None, help="Truncate pairs to this many tokens.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = evaluate_models(
+        args.base, args.models, args.shifts, n=args.n, batch_size=args.batch_size, seed=args.seed,
+        labels=args.labels, dtype=args.dtype, max_length=args.max_length,
+    )  # fmt: skip
+    paths = write_table(results, args.out)
+    summary = results.groupby(["label", "shift"], sort=False)[["acc", "nll_ratio"]].mean().unstack("shift")
+    print(summary.round(3).to_string())
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
