@@ -1,0 +1,154 @@
+"""reprpo-report: tables and a plot of preference accuracy and coherence over seeds, from reprpo-eval results.
+
+    reprpo-report results/*.parquet --out reports/suite
+
+For each method (results `label`) and shift: the per-seed value is the mean over the shift's datasets; the
+table shows the mean over seeds ± the half-width of the 95% t-interval,
+    mean ± t_{0.975, n-1} · s / sqrt(n)        (s: sample standard deviation over the n seeds)
+with no interval for n = 1. Tables: absolute accuracy, gain over the base model in percentage points,
+coherence (NLL of chosen completions relative to base; above 1 = less coherent). Rows of the `validation`
+shift select models and never appear in a table. Writes report.md, summary.csv and shifts.png atomically.
+"""
+
+import argparse
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from .eval import REPORTED_SHIFTS, add_coherence_ratio  # noqa: E402
+from .evaluate import BASE_LABEL  # noqa: E402
+from .io import atomic_write_bytes, atomic_write_text, read_table  # noqa: E402
+
+METRICS = {  # name -> (column, scale, subtract base, title)
+    "accuracy": ("acc", 1.0, False, "Preference accuracy"),
+    "gain_pp": ("acc", 100.0, True, "Accuracy gain over base (pp)"),
+    "nll_ratio": ("nll_ratio", 1.0, False, "Coherence: NLL(chosen) / NLL_base"),
+}
+
+
+def interval95(values) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t-interval, n); the half-width is NaN for a single value."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), float("nan"), n
+    return float(values.mean()), float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)), n
+
+
+def load_results(paths) -> pd.DataFrame:
+    """Concatenate result files, drop repeated base rows, and make sure nll_ratio is there."""
+    results = pd.concat([read_table(p) for p in paths], ignore_index=True)
+    results = results.drop_duplicates(["label", "seed", "shift", "dataset", "fingerprint"], keep="last")
+    return add_coherence_ratio(results.drop(columns="nll_ratio", errors="ignore"), BASE_LABEL)
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (metric, label, shift): mean, 95% half-width and number of seeds."""
+    reported = results[results["shift"].isin(REPORTED_SHIFTS)]
+    per_seed = reported.groupby(["label", "seed", "shift"], sort=False, dropna=False)[["acc", "nll_ratio"]].mean().reset_index()
+    base_acc = per_seed[per_seed.label == BASE_LABEL].groupby("shift").acc.mean()
+    rows = []
+    for metric, (column, scale, relative, _) in METRICS.items():
+        for (label, shift), group in per_seed.groupby(["label", "shift"], sort=False):
+            if relative and label == BASE_LABEL:
+                continue
+            values = scale * (group[column] - (base_acc.get(shift, np.nan) if relative else 0))
+            mean, half, n = interval95(values)
+            rows.append({"metric": metric, "label": label, "shift": shift, "mean": mean, "ci95": half, "n_seeds": n})
+    return pd.DataFrame(rows)
+
+
+def _order(summary: pd.DataFrame) -> tuple[list[str], list[str]]:
+    labels = list(dict.fromkeys(summary.label))
+    labels = [BASE_LABEL] * (BASE_LABEL in labels) + [x for x in labels if x != BASE_LABEL]
+    return labels, [s for s in REPORTED_SHIFTS if s in set(summary["shift"])]
+
+
+def markdown_table(summary: pd.DataFrame, metric: str, digits: int) -> str:
+    """label × shift, cells 'mean ± ci95'."""
+    part = summary[summary.metric == metric]
+    labels, shifts = _order(part)
+    cell = part.set_index(["label", "shift"])
+    table = pd.DataFrame(index=[x for x in labels if x in set(part.label)], columns=shifts)
+    for (label, shift), row in cell.iterrows():
+        half = "" if np.isnan(row.ci95) else f" ± {row.ci95:.{digits}f}"
+        table.loc[label, shift] = f"{row['mean']:.{digits}f}{half}"
+    return table.fillna("").rename_axis("method").to_markdown()
+
+
+def plot(summary: pd.DataFrame) -> bytes:
+    """Grouped bars (one group per shift, one bar per method) with 95% intervals, one panel per metric; PNG."""
+    labels, shifts = _order(summary)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS), 4.5))
+    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
+    for ax, (metric, (*_, title)) in zip(axes, METRICS.items()):
+        part = summary[summary.metric == metric].set_index(["label", "shift"])
+        present = [x for x in labels if x in set(part.index.get_level_values(0))]
+        width = 0.8 / max(len(present), 1)
+        for i, label in enumerate(present):
+            rows = part.loc[label].reindex(shifts)
+            x = np.arange(len(shifts)) + (i - (len(present) - 1) / 2) * width
+            ax.bar(x, rows["mean"], width, yerr=rows.ci95.fillna(0), capsize=3, label=label, color=colors[label])
+        ax.set_xticks(np.arange(len(shifts)), [s.replace("_", "\n") for s in shifts])
+        ax.set_title(title)
+        if metric == "gain_pp":
+            ax.axhline(0, color="black", lw=0.8)
+        if metric == "nll_ratio":
+            ax.axhline(1, color="black", lw=0.8, ls="--")
+        if metric == "accuracy":
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(results: pd.DataFrame, out_dir, title: str = "Preference accuracy across distribution shifts", notes: str = "") -> list[Path]:
+    """report.md (tables + `notes`), summary.csv and shifts.png under `out_dir`."""
+    out_dir = Path(out_dir)
+    summary = summarize(results)
+    seeds = summary[summary.label != BASE_LABEL].n_seeds
+    datasets = results[results["shift"].isin(REPORTED_SHIFTS)].groupby("shift", sort=False).dataset.unique()
+    lines = [
+        f"# {title}",
+        "",
+        f"Mean over seeds ± half-width of the 95% t-interval (seeds per method: {sorted(set(seeds)) or [1]}); "
+        "each seed's value is the mean over the shift's datasets. Base = the model before training.",
+        "",
+        "Datasets: " + "; ".join(f"{shift}: {', '.join(map(str, sets))}" for shift, sets in datasets.items()),
+        "",
+        "![shifts](shifts.png)",
+        "",
+    ]
+    for metric, (_, _, _, heading) in METRICS.items():
+        digits = 1 if metric == "gain_pp" else 3
+        lines += [f"## {heading}", "", markdown_table(summary, metric, digits), ""]
+    if notes:
+        lines += [notes, ""]
+    atomic_write_bytes(out_dir / "shifts.png", plot(summary))
+    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out_dir / "report.md", "\n".join(lines))
+    return [out_dir / "report.md", out_dir / "summary.csv", out_dir / "shifts.png"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="reprpo-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="reprpo-eval result files (.parquet or .csv); they must include the base rows.")
+    parser.add_argument("--out", required=True, help="Directory for report.md, summary.csv and shifts.png.")
+    parser.add_argument("--title", default="Preference accuracy across distribution shifts")
+    args = parser.parse_args(argv)
+    for path in write_report(load_results(args.results), args.out, args.title):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
