@@ -1,0 +1,204 @@
+"""reprpo-sweep: train and evaluate a grid of methods × learning rates × seeds, select on validation, report.
+
+    reprpo-sweep --config recipes/sweeps/suite_methods.yaml            # run what is missing, then report
+    reprpo-sweep --config recipes/sweeps/suite_methods.yaml --emit     # one command per missing run (slurm arrays)
+    reprpo-sweep --config recipes/sweeps/suite_methods.yaml --only dpo/lr0.0001/seed1
+
+A run is finished when its eval.parquet exists (written atomically after training, which leaves its run
+record last), so re-running skips finished runs and resumes after any interruption. The learning rate of each
+method is chosen by mean accuracy over seeds on the spec's `validation` shift, which is never reported; the
+report then shows the selected runs only and says what was selected on which data.
+
+Grid YAML keys: output_dir, methods (name -> training recipe), seeds, learning_rates, train_overrides (flags
+for every reprpo-train run), shifts (a shift spec with a `validation` shift), eval_samples, eval_batch_size,
+eval_seed.
+"""
+
+import argparse
+import gc
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from . import train
+from .eval import SELECTION_SHIFT, load_shift_spec
+from .evaluate import BASE_LABEL, evaluate_models
+from .io import write_table
+from .provenance import RUN_RECORD
+from .report import load_results, write_report
+
+
+@dataclass
+class Grid:
+    output_dir: str
+    methods: dict[str, str]
+    seeds: list[int]
+    learning_rates: list[float]
+    shifts: str
+    train_overrides: dict = field(default_factory=dict)
+    eval_samples: int = 200
+    eval_batch_size: int = 16
+    eval_seed: int = 0
+    config: str = ""
+
+
+@dataclass
+class Run:
+    method: str
+    recipe: str
+    learning_rate: float
+    seed: int
+    dir: Path
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}/lr{self.learning_rate:g}/seed{self.seed}"
+
+    @property
+    def result(self) -> Path:
+        return self.dir / "eval.parquet"
+
+
+def load_grid(path: str) -> Grid:
+    """Read a grid YAML; errors name the file and the key."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = set(Grid.__dataclass_fields__) - {"config"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"sweep grid {path!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    try:
+        grid = Grid(**raw, config=str(path))
+    except TypeError as error:
+        raise ValueError(f"sweep grid {path!r}: {error}") from None
+    for name, recipe in grid.methods.items():
+        if not Path(recipe).exists():
+            raise FileNotFoundError(f"sweep grid {path!r}: recipe {recipe!r} of method {name!r} does not exist")
+    if SELECTION_SHIFT not in load_shift_spec(grid.shifts):
+        raise ValueError(f"sweep grid {path!r}: shift spec {grid.shifts!r} needs a {SELECTION_SHIFT!r} shift for model selection")
+    grid.learning_rates = [float(lr) for lr in grid.learning_rates]
+    return grid
+
+
+def runs(grid: Grid) -> list[Run]:
+    return [
+        Run(method, recipe, lr, seed, Path(grid.output_dir) / "runs" / method / f"lr{lr:g}" / f"seed{seed}")
+        for method, recipe in grid.methods.items()
+        for lr in grid.learning_rates
+        for seed in grid.seeds
+    ]
+
+
+def base_model(grid: Grid) -> str:
+    """The model every recipe starts from (they must agree), after train_overrides."""
+    names = {
+        grid.train_overrides.get("model_name_or_path") or (yaml.safe_load(Path(recipe).read_text()) or {}).get("model_name_or_path")
+        for recipe in grid.methods.values()
+    }
+    if len(names) != 1 or None in names:
+        raise ValueError(f"sweep grid {grid.config!r}: the recipes start from different or no base models {names}; compare methods on one base")
+    return names.pop()
+
+
+def train_argv(grid: Grid, run: Run) -> list[str]:
+    flags = {**grid.train_overrides, "seed": run.seed, "learning_rate": run.learning_rate, "output_dir": str(run.dir)}
+    argv = ["--config", run.recipe]
+    for key, value in flags.items():
+        argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
+def _evaluate(grid: Grid, models: list[str], labels: list[str], include_base: bool) -> pd.DataFrame:
+    return evaluate_models(
+        base_model(grid), models, load_shift_spec(grid.shifts), n=grid.eval_samples,
+        batch_size=grid.eval_batch_size, seed=grid.eval_seed, labels=labels, include_base=include_base,
+    )  # fmt: skip
+
+
+def run_one(grid: Grid, run: Run) -> None:
+    """Train (unless its run record exists) and evaluate (unless its result exists) one run."""
+    if run.result.exists():
+        return
+    if not (run.dir / RUN_RECORD).exists():
+        train.run(train_argv(grid, run))
+        gc.collect()
+    write_table(_evaluate(grid, [str(run.dir)], [run.method], include_base=False), run.result)
+
+
+def base_result(grid: Grid) -> Path:
+    """The base model's results, evaluated once per sweep."""
+    path = Path(grid.output_dir) / "base" / "eval.parquet"
+    if not path.exists():
+        write_table(_evaluate(grid, [], [], include_base=True), path)
+    return path
+
+
+def select(grid: Grid, results: pd.DataFrame) -> pd.DataFrame:
+    """Per method, the learning rate with the best mean validation accuracy over seeds (ties: the smaller rate)."""
+    validation = results[(results["shift"] == SELECTION_SHIFT) & (results.label != BASE_LABEL)]
+    scores = validation.groupby(["label", "learning_rate"]).acc.mean().reset_index()
+    best = scores.sort_values(["label", "acc", "learning_rate"], ascending=[True, False, True]).groupby("label").head(1)
+    return best.rename(columns={"acc": "validation_acc"})
+
+
+def selection_notes(grid: Grid, results: pd.DataFrame, selected: pd.DataFrame) -> str:
+    datasets = ", ".join(load_shift_spec(grid.shifts)[SELECTION_SHIFT])
+    validation = results[(results["shift"] == SELECTION_SHIFT) & (results.label != BASE_LABEL)]
+    table = validation.groupby(["label", "learning_rate"]).acc.mean().unstack("learning_rate")
+    lines = [
+        "## Model selection",
+        "",
+        f"Learning rate per method chosen by mean accuracy over seeds on the `{SELECTION_SHIFT}` shift ({datasets}), "
+        "which appears in no table above. Validation accuracy per learning rate:",
+        "",
+        table.rename_axis("method").to_markdown(floatfmt=".3f"),
+        "",
+        "Selected: " + ", ".join(f"{r.label} → lr {r.learning_rate:g}" for r in selected.itertuples()) + ".",
+        "",
+        f"Grid: `{grid.config}`; seeds {grid.seeds}; {grid.eval_samples} pairs per dataset (eval seed {grid.eval_seed}).",
+    ]
+    return "\n".join(lines)
+
+
+def report(grid: Grid) -> list[Path]:
+    """Select on validation and write the report of the selected runs to <output_dir>/report/."""
+    missing = [run.id for run in runs(grid) if not run.result.exists()]
+    if missing:
+        raise RuntimeError(f"sweep {grid.config!r}: {len(missing)} run(s) not finished, e.g. {missing[:3]}; run them first")
+    results = load_results([base_result(grid), *(run.result for run in runs(grid))])
+    selected = select(grid, results)
+    keep = results.label.eq(BASE_LABEL) | results.set_index(["label", "learning_rate"]).index.isin(
+        list(selected[["label", "learning_rate"]].itertuples(index=False, name=None))
+    )
+    return write_report(results[keep], Path(grid.output_dir) / "report", notes=selection_notes(grid, results, selected))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="reprpo-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="Sweep grid YAML (see recipes/sweeps/).")
+    parser.add_argument("--only", help="Run just this run id (method/lr<lr>/seed<seed>), e.g. from a slurm array.")
+    parser.add_argument("--emit", action="store_true", help="Print one command per unfinished run instead of running.")
+    args = parser.parse_args(argv)
+    grid = load_grid(args.config)
+    todo = [run for run in runs(grid) if not run.result.exists()]
+    if args.emit:
+        for run in todo:
+            print(shlex.join(["reprpo-sweep", "--config", args.config, "--only", run.id]))
+        return
+    if args.only:
+        match = [run for run in runs(grid) if run.id == args.only]
+        if not match:
+            raise ValueError(f"sweep {args.config!r} has no run {args.only!r}; ids look like {runs(grid)[0].id}")
+        run_one(grid, match[0])
+        return
+    for i, run in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}] {run.id}")
+        run_one(grid, run)
+    for path in report(grid):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
