@@ -34,8 +34,8 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         i = argv.index("--eval_samples")
         eval_samples = int(argv[i + 1])
         del argv[i : i + 2]
-    run_args, train_args, model_args = parse_args(argv)
-    trainer = build_trainer(run_args, train_args, model_args)
+    run_args, train_args, model_args, adapter_args = parse_args(argv)
+    trainer = build_trainer(run_args, train_args, model_args, adapter_args)
     model, tokenizer = trainer.model, trainer.processing_class
     batch = train_args.per_device_eval_batch_size
     data = load_shifts(SUITE_SHIFTS, n=eval_samples, seed=train_args.seed)

@@ -43,11 +43,12 @@ def method_name(trainer: str, train_args) -> str:
     return "-".join(parts)
 
 
-def write_run_record(output_dir, run_args, train_args, model_args, recipe: str | None) -> dict:
-    """Record method, recipe, seed, learning rate, base model, data and code revision of a finished run."""
+def write_run_record(output_dir, run_args, train_args, model_args, adapter: str, recipe: str | None) -> dict:
+    """Record method, adapter, recipe, seed, learning rate, base model, data and code revision of a finished run."""
     record = {
         "method": method_name(run_args.trainer, train_args),
         "trainer": run_args.trainer,
+        "adapter": adapter,
         "recipe": recipe,
         "seed": train_args.seed,
         "learning_rate": train_args.learning_rate,

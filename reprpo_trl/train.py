@@ -4,8 +4,9 @@
     accelerate launch --config_file accelerate_configs/ddp.yaml -m reprpo_trl.train --config recipes/...
 
 The recipe's `trainer` key picks the trainer and so the config class whose fields it may set:
-`dpo` (TRL's own DPOTrainer, the baseline) or `reprpo`. Model keys are TRL's ModelConfig
-(model_name_or_path, use_peft, lora_r, ...); data keys are `RunArguments` below.
+`dpo` (TRL's own DPOTrainer, the baseline), `reprpo`, `projgrad`, `projbp`. Model keys are TRL's ModelConfig
+(model_name_or_path, dtype, ...); the `adapter:` section is `AdapterArguments` (reprpo_trl.adapters); data keys
+are `RunArguments` below.
 """
 
 import sys
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
 
+from .adapters import AdapterArguments, build_peft_config, check_combination, flatten_section
 from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
 from .eval import load_shift_spec
 from .eval.callback import ShiftEvalCallback
@@ -61,8 +63,7 @@ def trainer_name(argv: list[str]) -> str:
     if "--trainer" in argv:
         name = argv[argv.index("--trainer") + 1]
     elif "--config" in argv:
-        with open(argv[argv.index("--config") + 1]) as f:
-            name = (yaml.safe_load(f) or {}).get("trainer", RunArguments.trainer)
+        name = _recipe(argv).get("trainer", RunArguments.trainer)
     else:
         name = RunArguments.trainer
     if name not in TRAINERS:
@@ -70,10 +71,31 @@ def trainer_name(argv: list[str]) -> str:
     return name
 
 
+def _recipe(argv: list[str]) -> dict:
+    if "--config" not in argv:
+        return {}
+    with open(argv[argv.index("--config") + 1]) as f:
+        return yaml.safe_load(f) or {}
+
+
 def parse_args(argv: list[str] | None = None):
+    """(RunArguments, trainer config, ModelConfig, AdapterArguments); the recipe's `adapter:` section becomes
+    --adapter* flags placed before the command line's own, so command-line flags still win."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = _recipe(argv)
+    if recipe.get("use_peft") or "--use_peft" in argv:
+        raise ValueError("use_peft/lora_* are not used here: describe the adapter in the recipe's `adapter:` section "
+                         "(type: lora, r: 16, ...) or with --adapter lora --adapter_r 16 ...")  # fmt: skip
+    section = recipe.get("adapter")
+    if isinstance(section, dict):
+        argv = argv[: argv.index("--config") + 2] + flatten_section(section) + argv[argv.index("--config") + 2 :]
     config_class, _ = TRAINERS[trainer_name(argv)]
-    return TrlParser((RunArguments, config_class, ModelConfig)).parse_args_and_config(argv)
+    parser = TrlParser((RunArguments, config_class, ModelConfig, AdapterArguments))
+    if isinstance(section, dict):  # the section is in the flags now; as a default it would not be a string
+        parser.set_defaults(adapter=AdapterArguments.adapter)
+    run_args, train_args, model_args, adapter_args = parser.parse_args_and_config(argv)
+    check_combination(run_args.trainer, adapter_args.adapter, train_args.gradient_checkpointing)
+    return run_args, train_args, model_args, adapter_args
 
 
 def load_data(run_args: RunArguments, train_args, tokenizer):
@@ -95,7 +117,7 @@ def load_data(run_args: RunArguments, train_args, tokenizer):
     return datasets
 
 
-def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig):
+def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, adapter_args: AdapterArguments):
     """Load model, tokenizer and data and construct the trainer the recipe names."""
     path = resolve_model(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
@@ -113,7 +135,7 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig):
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("eval"),
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=build_peft_config(adapter_args),
     )
     if run_args.shift_eval:
         trainer.add_callback(
@@ -132,12 +154,12 @@ def _recipe_path(argv: list[str] | None) -> str | None:
 
 def run(argv: list[str] | None = None):
     """Parse, train, save the model (the adapter, for peft) and the run record to output_dir; return the trainer."""
-    run_args, train_args, model_args = parse_args(argv)
-    trainer = build_trainer(run_args, train_args, model_args)
+    run_args, train_args, model_args, adapter_args = parse_args(argv)
+    trainer = build_trainer(run_args, train_args, model_args, adapter_args)
     trainer.train()
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
-        write_run_record(train_args.output_dir, run_args, train_args, model_args, recipe=_recipe_path(argv))
+        write_run_record(train_args.output_dir, run_args, train_args, model_args, adapter_args.adapter, _recipe_path(argv))
     return trainer
 
 

@@ -14,7 +14,7 @@ RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_parses(recipe):
-    run_args, train_args, model_args = parse_args(["--config", str(recipe), "--use_cpu", "true"])
+    run_args, train_args, model_args, adapter_args = parse_args(["--config", str(recipe), "--use_cpu", "true"])
     expected = {name: config for name, (config, _) in TRAINERS.items()}[yaml.safe_load(recipe.read_text())["trainer"]]
     assert type(train_args) is expected
     assert model_args.model_name_or_path
@@ -22,7 +22,7 @@ def test_recipe_parses(recipe):
 
 def test_flags_override_recipe():
     recipe = str(Path(__file__).parents[1] / "recipes" / "reprpo_mse.yaml")
-    _, train_args, _ = parse_args(["--config", recipe, "--learning_rate", "3e-5", "--alpha", "2", "--use_cpu", "true"])
+    _, train_args, _, _ = parse_args(["--config", recipe, "--learning_rate", "3e-5", "--alpha", "2", "--use_cpu", "true"])
     assert train_args.learning_rate == 3e-5 and train_args.alpha == 2.0 and train_args.hidden_loss == "mse"
 
 
@@ -56,7 +56,7 @@ def test_shift_eval_flags_add_generalisation_curves(tmp_path, saved_model):
     shifts = str(Path(__file__).parents[1] / "recipes" / "shifts" / "suite.yaml")
     trainer = run(["--trainer", "dpo", "--model_name_or_path", saved_model, "--max_train_samples", "8", "--max_steps", "2",
                    "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), "--use_cpu", "true",
-                   "--report_to", "none", "--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj",
+                   "--report_to", "none", "--adapter", "lora", "--adapter_targets", "qv",
                    "--shift_eval", shifts, "--shift_eval_steps", "1", "--shift_eval_samples", "4"])  # fmt: skip
     curves = [row for row in trainer.state.log_history if "shift/cross_domain/acc" in row]
     assert [row["step"] for row in curves] == [1, 2] and "shift/unrelated/nll_ratio" in curves[0]

@@ -20,8 +20,8 @@ def tiny_recipe(tmp_path, tokenizer):
     tokenizer.save_pretrained(path)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        "trainer": "reprpo", "model_name_or_path": str(path), "use_peft": True, "lora_r": 4,
-        "lora_target_modules": ["q_proj", "v_proj"], "train_dataset": "suite:add_small:train", "layers": "1,2",
+        "trainer": "reprpo", "model_name_or_path": str(path), "adapter": {"type": "lora", "r": 4, "targets": "qv"},
+        "train_dataset": "suite:add_small:train", "layers": "1,2",
         "max_train_samples": 16, "max_length": 64, "per_device_train_batch_size": 2, "max_steps": 2,
         "output_dir": str(tmp_path / "out"), "report_to": "none", "save_strategy": "no", "use_cpu": True,
         "bf16": False, "logging_steps": 1, "precompute_ref_log_probs": True,
