@@ -31,7 +31,9 @@ def code_revision() -> str:
 
 
 def method_name(trainer: str, train_args) -> str:
-    """A short name for what was trained: dpo, projgrad, reprpo-prefvec, reprpo-side-rank-ether, ..."""
+    """A short name for what was trained: dpo, projgrad, reprpo-prefvec, reprpo-side-rank-ether, ia2-act, ..."""
+    if trainer == "ia2":
+        return f"ia2-{train_args.ia2_method}"
     if trainer != "reprpo":
         return trainer
     parts = ["reprpo"]

@@ -124,9 +124,11 @@ class StateCollector:
         self.detach = detach
 
     @contextlib.contextmanager
-    def capture(self, completion_mask, attention_mask):
+    def capture(self, completion_mask=None, attention_mask=None, reduce=None):
         """States that need no gradient are pooled at once under no_grad. The others are pooled when the block
-        exits: a hook inside a gradient-checkpointed layer must not save tensors the recomputation would not."""
+        exits: a hook inside a gradient-checkpointed layer must not save tensors the recomputation would not.
+        `reduce` (a function of the (N, T', d) state) replaces the masked pooling, e.g. to gather positions."""
+        reduce = reduce or (lambda tensor: pool(tensor, completion_mask, attention_mask, self.pooling))
         states = {name: [] for name in self.sites}
         pending = []
 
@@ -138,7 +140,7 @@ class StateCollector:
                     states[name].append(tensor)
                     return
                 with torch.no_grad():
-                    states[name].append(pool(tensor, completion_mask, attention_mask, self.pooling))
+                    states[name].append(reduce(tensor))
 
             return hook
 
@@ -153,13 +155,25 @@ class StateCollector:
             for handle in handles:
                 handle.remove()
             for name, index in pending:
-                states[name][index] = pool(states[name][index], completion_mask, attention_mask, self.pooling)
+                states[name][index] = reduce(states[name][index])
 
 
 def layer_sites(models: list[nn.Module], layers: list[int]) -> dict[str, list[nn.Module]]:
     """Site name -> the decoder layer at that index in each of `models` (policy, then an explicit reference)."""
     blocks = [decoder_layers(m) for m in models]
     return {f"layer_{i}": [b[i] for b in blocks] for i in layers}
+
+
+def attention_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """Site "layer_i" -> the self-attention block of decoder layer i (its output: after o_proj, before the
+    residual add), for every layer."""
+    sites = {}
+    for i, block in enumerate(decoder_layers(model)):
+        found = [m for name, m in block.named_children() if "attn" in name.lower() or "attention" in type(m).__name__.lower()]
+        if not found:
+            raise ValueError(f"decoder layer {i} ({type(block).__name__}) has no self-attention child module")
+        sites[f"layer_{i}"] = [found[0]]
+    return sites
 
 
 def side_sites(models: list[nn.Module], layers: list[int], patterns: str) -> dict[str, list[nn.Module]]:

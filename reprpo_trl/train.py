@@ -22,13 +22,24 @@ from .eval import load_shift_spec
 from .eval.callback import ShiftEvalCallback
 from .models import resolve_model
 from .provenance import write_run_record
-from .trainers import ProjBPConfig, ProjBPTrainer, ProjGradConfig, ProjGradTrainer, ReprPOConfig, ReprPOTrainer
+from .icl import load_icl_task
+from .trainers import (
+    IA2Config,
+    IA2Trainer,
+    ProjBPConfig,
+    ProjBPTrainer,
+    ProjGradConfig,
+    ProjGradTrainer,
+    ReprPOConfig,
+    ReprPOTrainer,
+)
 
 TRAINERS = {
     "dpo": (DPOConfig, DPOTrainer),
     "reprpo": (ReprPOConfig, ReprPOTrainer),
     "projgrad": (ProjGradConfig, ProjGradTrainer),
     "projbp": (ProjBPConfig, ProjBPTrainer),
+    "ia2": (IA2Config, IA2Trainer),
 }
 
 
@@ -39,10 +50,12 @@ class RunArguments:
     trainer: str = field(default="reprpo", metadata={"help": f"Trainer: one of {sorted(TRAINERS)}."})
     train_dataset: str = field(
         default="suite:add_small:train",
-        metadata={"help": "Dataset spec: suite:<family>:<split>, a local parquet/json/csv, or <hub id>[:config[:split]]."},
+        metadata={"help": "Dataset spec: suite:<family>:<split>, a local parquet/json/csv, or <hub id>[:config[:split]]. "
+                  "For trainer ia2 an ICL task: suite:<task>, sst2, agnews, gsm8k, sciq or a local file."},
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Dataset spec for evaluation during training."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    demo_pool_size: int = field(default=64, metadata={"help": "ia2: demonstrations held out of the training data."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation pairs."})
     conversational: bool = field(
         default=False, metadata={"help": "Turn plain prompt/chosen/rejected rows into chat messages first."}
@@ -127,8 +140,14 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
         dtype=model_args.dtype or "auto",
         attn_implementation=model_args.attn_implementation,
     )
-    datasets = load_data(run_args, train_args, tokenizer)
     _, trainer_class = TRAINERS[run_args.trainer]
+    if run_args.trainer == "ia2":
+        examples, pool = load_icl_task(run_args.train_dataset, "train", n=run_args.max_train_samples,
+                                       pool_size=run_args.demo_pool_size, seed=train_args.seed)  # fmt: skip
+        peft_config = None if train_args.init_adapter else build_peft_config(adapter_args)  # a2t/t2a: its own adapter
+        return trainer_class(model, args=train_args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer,
+                             peft_config=peft_config)  # fmt: skip
+    datasets = load_data(run_args, train_args, tokenizer)
     trainer = trainer_class(
         model,
         args=train_args,

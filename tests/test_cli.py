@@ -40,11 +40,19 @@ def test_every_recipe_trains_end_to_end(recipe, tmp_path, saved_model):
              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
     if trainer == "reprpo":
         flags += ["--layers", "1,2"]
+    method = yaml.safe_load(recipe.read_text()).get("ia2_method")
+    if trainer == "ia2":
+        flags += ["--num_demos", "2", "--target_cache_dir", str(tmp_path / "cache")]
+    if method in ("a2t", "t2a"):  # continues the adapter of the recipe it names
+        first = recipe.with_name(recipe.name.replace(method, "act" if method == "a2t" else "tok"))
+        run(["--config", str(first), *flags, "--output_dir", str(tmp_path / "first")])
+        flags += ["--init_adapter", str(tmp_path / "first")]
     trainer_obj = run(["--config", str(recipe), *flags])
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     logged = trainer_obj.state.log_history[0]
     assert ("loss/hidden" in logged) == (trainer == "reprpo")
     assert ("projgrad/parallel_fraction" in logged) == (trainer == "projgrad")
+    assert ("ia2/tok" in logged) == (trainer == "ia2")
     if yaml.safe_load(recipe.read_text()).get("transform", "none") != "none":
         assert (tmp_path / "out" / "reprpo_transforms.json").exists()
     record = read_run_record(tmp_path / "out")

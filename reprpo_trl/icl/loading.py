@@ -1,0 +1,92 @@
+"""ICL tasks by spec, as (examples, demonstration pool) with validated {query, answer, choices} rows.
+
+    suite:<task>                    the offline ICL suite (reprpo_trl.icl.suite): sentiment, topic, arith
+    sst2 | agnews | gsm8k | sciq    the hub datasets of the original research (ICL_SOURCES), converted to rows
+    path/to/file.{parquet,json,jsonl,csv}   a local table with query and answer (and optionally choices) columns
+
+The pool is the last `pool_size` rows of the training data and never overlaps the examples.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from datasets import Dataset, load_dataset
+
+from .suite import make_icl_task
+
+_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+AGNEWS_LABELS = ["world", "sports", "business", "science"]
+SST2_LABELS = ["negative", "positive"]
+
+
+@dataclass(frozen=True)
+class IclSource:
+    hub_id: str
+    config: str | None
+    test_split: str
+    convert: Callable[[dict], tuple[str, str]]  # row -> (query, answer)
+    choices: tuple[str, ...] = ()
+
+
+ICL_SOURCES = {
+    "sst2": IclSource("stanfordnlp/sst2", None, "validation",  # its test labels are hidden
+                      lambda r: (f"Review: {r['sentence'].strip()}\nSentiment:", SST2_LABELS[r["label"]]), tuple(SST2_LABELS)),
+    "agnews": IclSource("fancyzhx/ag_news", None, "test",
+                        lambda r: (f"Text: {r['text'].strip()}\nTopic:", AGNEWS_LABELS[r["label"]]), tuple(AGNEWS_LABELS)),
+    "gsm8k": IclSource("openai/gsm8k", "main", "test",
+                       lambda r: (f"Q: {r['question'].strip()}\nA:", r["answer"].split("####")[-1].strip().replace(",", ""))),
+    "sciq": IclSource("allenai/sciq", None, "test",
+                      lambda r: (f"Question: {r['question'].strip()}\nAnswer:", r["correct_answer"].strip())),
+}  # fmt: skip
+
+
+def _from_source(source: IclSource, split: str, hub_id: str | None) -> Dataset:
+    raw = load_dataset(hub_id or source.hub_id, source.config, split=source.test_split if split == "test" else split)
+
+    def convert(row):
+        query, answer = source.convert(row)
+        return {"query": query, "answer": answer, "choices": list(source.choices)}
+
+    return raw.map(convert, remove_columns=raw.column_names, desc=f"ICL rows from {hub_id or source.hub_id}")
+
+
+def validate_icl(dataset: Dataset, name: str) -> None:
+    """Raise ValueError naming the dataset, row and field of the first malformed row."""
+    missing = [f for f in ("query", "answer") if f not in dataset.column_names]
+    if missing:
+        raise ValueError(f"ICL dataset {name!r} lacks column(s) {missing}; it has {dataset.column_names}")
+    for i, row in enumerate(dataset):
+        for field in ("query", "answer"):
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise ValueError(f"ICL dataset {name!r} row {i}: field {field!r} is empty or not text")
+        if row.get("choices") and row["answer"] not in row["choices"]:
+            raise ValueError(f"ICL dataset {name!r} row {i}: answer {row['answer']!r} is not one of choices {row['choices']}")
+
+
+def load_icl_task(spec: str, split: str = "train", n: int | None = None, pool_size: int = 64, seed: int = 0,
+                  hub_id: str | None = None) -> tuple[Dataset, Dataset]:  # fmt: skip
+    """(examples, demonstration pool) of the task named by `spec`; `hub_id` points a hub source at another
+    repository or a local copy laid out the same way."""
+    if spec.startswith("suite:"):
+        task = spec.split(":")[1]
+        train = make_icl_task(task, "train", n=(n or 300) + pool_size if split == "train" else pool_size, seed=seed)
+        test = make_icl_task(task, "test", n=n or 300, seed=seed) if split == "test" else None
+    elif spec in ICL_SOURCES:
+        train = _from_source(ICL_SOURCES[spec], "train", hub_id)
+        test = _from_source(ICL_SOURCES[spec], "test", hub_id) if split == "test" else None
+    elif Path(spec).suffix in _FILE_FORMATS:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"ICL dataset file {spec!r} does not exist")
+        train, test = load_dataset(_FILE_FORMATS[Path(spec).suffix], data_files=spec, split="train"), None
+    else:
+        raise ValueError(f"ICL task spec {spec!r}: use suite:<task>, one of {sorted(ICL_SOURCES)}, or a local file")
+    if len(train) <= pool_size and test is None:
+        raise ValueError(f"ICL task {spec!r} has {len(train)} training rows, not more than pool_size={pool_size}")
+    pool = train.select(range(len(train) - pool_size, len(train)))
+    examples = test if test is not None else train.select(range(len(train) - pool_size))
+    if n is not None:
+        examples = examples.select(range(min(n, len(examples))))
+    validate_icl(examples, spec)
+    validate_icl(pool, f"{spec} (demonstration pool)")
+    return examples, pool

@@ -1,0 +1,171 @@
+"""IA2: target positions, teacher targets against unpadded forwards, each loss at known points, the cache,
+a2t continuation, and every adapter training a few steps."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+
+from conftest import make_model
+from reprpo_trl import IA2Config, IA2Trainer
+from reprpo_trl.adapters import AdapterArguments, build_peft_config
+from reprpo_trl.icl import load_icl_task, teacher_prompt, teacher_prompts
+from reprpo_trl.icl import targets as targets_module
+from reprpo_trl.icl.targets import compute_targets
+from reprpo_trl.sites import attention_sites
+from reprpo_trl.trainers.ia2 import answer_positions
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_icl_task("suite:sentiment", n=8, pool_size=16)
+
+
+def ia2_trainer(tmp_path, tokenizer, task, model=None, peft_config=LORA, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), num_demos=2, max_steps=2, per_device_train_batch_size=4,
+                    learning_rate=1e-2, use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no",
+                    target_cache_dir=str(tmp_path / "cache"), seed=0)  # fmt: skip
+    examples, pool = task
+    return IA2Trainer(model or make_model(tokenizer), args=IA2Config(**{**settings, **overrides}), train_dataset=examples,
+                      demo_pool=pool, processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_answer_positions_hand_built():
+    # row 0: BOS + 3 prompt tokens + 2 targets; row 1: 2 prompt tokens (no BOS) + 1 target, right-padded
+    labels = torch.tensor([[-100, -100, -100, -100, 7, 8], [-100, -100, 9, -100, -100, -100]])
+    rows, positions = answer_positions(labels)
+    assert rows.tolist() == [0, 0, 1] and positions.tolist() == [3, 4, 1]  # last prompt token, then each target but the last
+    # prompt tuning prepends virtual tokens: states (N, 3 + T, d) indexed as h[:, -T:] land on the same tokens
+    hidden = torch.arange(2 * 9).view(2, 9, 1).float()
+    assert hidden[:, -6:][rows, positions, 0].tolist() == [3 + 3, 3 + 4, 9 + 3 + 1]
+
+
+def test_prompts_and_demo_sampling(task):
+    examples, pool = task
+    first, again = teacher_prompts(examples, pool, 2, seed=0), teacher_prompts(examples, pool, 2, seed=0)
+    assert first == again and first != teacher_prompts(examples, pool, 2, seed=1)
+    demo = pool[0]
+    assert teacher_prompt("Q", [demo]) == f"{demo['query']} {demo['answer']}\n\nQ" and teacher_prompt("Q", []) == "Q"
+    with pytest.raises(ValueError, match="num_demos=99"):
+        teacher_prompts(examples, pool, 99, seed=0)
+
+
+@pytest.mark.parametrize("label_type", ["ground_truth", "icl_outputs"])
+def test_teacher_targets_match_unpadded_forward(tokenizer, label_type):
+    model = make_model(tokenizer).eval()
+    prompts, answers = ["Review: bad.\nSentiment:", "Q: 1 + 1 =\nA:"], ["negative", "2"]
+    targets = compute_targets(model, tokenizer, prompts, answers, label_type=label_type, max_new_tokens=3,
+                              distributions=True, batch_size=2)  # fmt: skip
+    sites = attention_sites(model)
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        target = targets.targets_of(i)
+        if label_type == "ground_truth":
+            assert target == tokenizer(" " + answers[i], add_special_tokens=False)["input_ids"]
+        else:  # greedy: each target is the argmax after the previous ones
+            assert len(target) <= 3
+        seen = {}
+        handles = [m[0].register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out[0])) for n, m in sites.items()]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + target])).logits[0]
+        for h in handles:
+            h.remove()
+        positions = range(len(ids) - 1, len(ids) - 1 + len(target))
+        rows = slice(targets.offsets[i], targets.offsets[i + 1])
+        for layer in range(len(sites)):
+            expected = seen[f"layer_{layer}"][0, list(positions)]
+            torch.testing.assert_close(targets.acts[rows, layer].float(), expected, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(targets.probs[rows].float(), logits[list(positions)].softmax(-1), atol=1e-3, rtol=1e-2)
+        if label_type == "icl_outputs":
+            assert target[0] == logits[len(ids) - 1].argmax().item()
+
+
+def test_act_is_zero_with_the_teachers_own_prompt(tmp_path, tokenizer, task):
+    same = ia2_trainer(tmp_path / "a", tokenizer, task, num_demos=0)
+    batch = first_batch(same)
+    with torch.no_grad():
+        assert same.compute_loss(same.model, dict(batch)).item() < 1e-7
+    icl = ia2_trainer(tmp_path / "b", tokenizer, task, num_demos=2)
+    with torch.no_grad():
+        assert icl.compute_loss(icl.model, first_batch(icl)).item() > 1e-6
+
+
+def test_tna_interpolates_act_and_tok(tmp_path, tokenizer, task):
+    trainer = ia2_trainer(tmp_path, tokenizer, task, ia2_method="tna")
+    batch = first_batch(trainer)
+    values = {}
+    with torch.no_grad():
+        for w in (0.0, 1.0, 0.3):
+            trainer.args.tna_weight = w
+            values[w] = trainer.compute_loss(trainer.model, dict(batch)).item()
+    act, tok = trainer._metrics["train"]["ia2/act"][-1], trainer._metrics["train"]["ia2/tok"][-1]
+    assert values[0.0] == pytest.approx(act, rel=1e-5) and values[1.0] == pytest.approx(tok, rel=1e-5)
+    assert values[0.3] == pytest.approx(0.7 * act + 0.3 * tok, rel=1e-5)
+
+
+def test_tokl_matches_float64_kl(tmp_path, tokenizer, task):
+    trainer = ia2_trainer(tmp_path, tokenizer, task, ia2_method="tokl", tokl_topk=5)
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    rows, positions = answer_positions(batch["labels"])
+    log_q = logits[rows, positions].log_softmax(-1)
+    flat = trainer.targets.rows(batch["ia2_index"])
+    top, ids = trainer.targets.probs[flat].double(), trainer.targets.prob_ids[flat]
+    V = log_q.shape[-1]
+    p = ((1 - top.sum(-1, keepdim=True)) / (V - 5)).expand(-1, V).clone().scatter_(-1, ids, top)
+    assert p.sum(-1).allclose(torch.ones(len(p), dtype=torch.float64))
+    expected = (p * (p.log() - log_q)).sum(-1).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_teacher_never_runs_when_the_cache_exists(tmp_path, tokenizer, task, monkeypatch):
+    first = ia2_trainer(tmp_path, tokenizer, task)
+    monkeypatch.setattr(targets_module, "compute_targets", lambda *a, **k: pytest.fail("the teacher ran again"))
+    second = ia2_trainer(tmp_path, tokenizer, task)
+    assert second.targets_path == first.targets_path
+    assert torch.equal(second.targets.acts, first.targets.acts) and first.targets.acts.dtype == torch.float16
+    second.train()  # and not during training either
+    with pytest.raises(pytest.fail.Exception, match="the teacher ran again"):
+        ia2_trainer(tmp_path, tokenizer, task, demo_seed=1)  # new demonstrations: a new key, so the teacher must run
+
+
+def test_a2t_continues_from_the_saved_adapter(tmp_path, tokenizer, task):
+    act = ia2_trainer(tmp_path / "act", tokenizer, task, ia2_method="act")
+    act.train()
+    act.save_model(str(tmp_path / "act_adapter"))
+    saved = {n: p.detach().clone() for n, p in act.model.named_parameters() if "lora_" in n}
+    a2t = ia2_trainer(tmp_path / "a2t", tokenizer, task, peft_config=None, ia2_method="a2t",
+                      init_adapter=str(tmp_path / "act_adapter"), target_cache_dir=str(tmp_path / "act" / "cache"))  # fmt: skip
+    start = {n: p.detach().clone() for n, p in a2t.model.named_parameters() if "lora_" in n}
+    assert start.keys() == saved.keys() and all(torch.equal(start[n], saved[n]) for n in saved)
+    assert a2t.optimizer is None and all(p.requires_grad for n, p in a2t.model.named_parameters() if "lora_" in n)
+    a2t.train()
+    assert "ia2/act" not in a2t.state.log_history[0] and a2t.state.log_history[0]["loss"] == pytest.approx(
+        a2t.state.log_history[0]["ia2/tok"])
+    assert any(not torch.equal(start[n], p.detach()) for n, p in a2t.model.named_parameters() if "lora_B" in n)
+    with pytest.raises(ValueError, match="set init_adapter"):
+        IA2Config(output_dir=str(tmp_path), ia2_method="t2a")
+
+
+@pytest.mark.parametrize("adapter", ["lora", "ia3", "hira", "prompt", "prefix", "full"])
+def test_every_adapter_trains_with_act(adapter, tmp_path, tokenizer, task):
+    config = build_peft_config(AdapterArguments(adapter=adapter, adapter_r=4, adapter_targets="qvo", adapter_virtual_tokens=3))
+    trainer = ia2_trainer(tmp_path, tokenizer, task, peft_config=config, gradient_checkpointing=adapter != "prefix")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and changed <= trainable
+    assert trainer.state.log_history[0]["ia2/act"] > 0
+    trainer.save_model(str(tmp_path / "saved"))
+    if adapter != "full":
+        reloaded = PeftModel.from_pretrained(make_model(tokenizer), str(tmp_path / "saved"))
+        weights = dict(reloaded.named_parameters())
+        assert all(torch.allclose(weights[n], p.detach()) for n, p in trainer.model.named_parameters() if n in changed)
