@@ -29,6 +29,37 @@ def _load(path: str, dtype: str, device: str):
     return AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=getattr(torch, dtype)).to(device)
 
 
+def load_base(base: str, dtype: str = "float32"):
+    """(tokenizer, base model on the best device) of a hub id, path or the embedded name."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(base))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, _load(base, dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def each_model(base_model, models: list[str], labels: list[str] | None = None, include_base: bool = True, dtype: str = "float32"):
+    """Yield (model, provenance) for the base model (label 'base') and then each of `models`: a peft adapter
+    directory is loaded onto `base_model` and taken out again before the next one; a full model is loaded."""
+    if labels is not None and len(labels) != len(models):
+        raise ValueError(f"got {len(labels)} labels for {len(models)} models; give one label per model or none")
+    device = next(base_model.parameters()).device
+    if include_base:
+        yield base_model, {"label": BASE_LABEL, "method": BASE_LABEL, "adapter": ""}
+    for i, path in enumerate(models):
+        record = read_run_record(path)
+        provenance = {"label": labels[i] if labels else record.get("method", Path(path).name),
+                      "method": record.get("method"), "adapter": str(path), "recipe": record.get("recipe"),
+                      "seed": record.get("seed"), "learning_rate": record.get("learning_rate"),
+                      "git_revision": record.get("git_revision")}  # fmt: skip
+        if (Path(path) / "adapter_config.json").exists():
+            model = PeftModel.from_pretrained(base_model, path).to(device)
+            yield model, provenance
+            # take the adapter out again (prompt learning never put layers into the base), base weights untouched
+            base_model = model.get_base_model() if model.active_peft_config.is_prompt_learning else model.unload()
+        else:
+            yield _load(path, dtype, device), {**provenance, "adapter": ""}
+
+
 @torch.no_grad()
 def evaluate_models(
     base: str,
@@ -43,35 +74,14 @@ def evaluate_models(
     include_base: bool = True,
 ) -> pd.DataFrame:
     """Results of the base model (label 'base') and of each model in `models` on every dataset of `shifts`."""
-    if labels is not None and len(labels) != len(models):
-        raise ValueError(f"got {len(labels)} labels for {len(models)} models; give one label per model or none")
     shifts = load_shift_spec(shifts) if isinstance(shifts, (str, Path)) else shifts
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(base))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     data = load_shifts(shifts, n=n, seed=seed)
-    base_model = _load(base, dtype, device)
+    tokenizer, base_model = load_base(base, dtype)
     common = {"base_model": base, "eval_seed": seed, "eval_git_revision": code_revision()}
-
-    def run(model, label, adapter, record):
-        table = evaluate_shifts(model, tokenizer, data, batch_size=batch_size, max_length=max_length)
-        provenance = {"label": label, "method": record.get("method", label), "adapter": adapter,
-                      "recipe": record.get("recipe"), "seed": record.get("seed"),
-                      "learning_rate": record.get("learning_rate"), "git_revision": record.get("git_revision")}  # fmt: skip
-        return table.assign(**provenance, **common)
-
-    tables = [run(base_model, BASE_LABEL, "", {"method": BASE_LABEL})] if include_base else []
-    for i, path in enumerate(models):
-        record = read_run_record(path)
-        label = labels[i] if labels else record.get("method", Path(path).name)
-        if (Path(path) / "adapter_config.json").exists():
-            model = PeftModel.from_pretrained(base_model, path).to(device)
-            tables.append(run(model, label, str(path), record))
-            # take the adapter out again (prompt learning never put layers into the base), base weights untouched
-            base_model = model.get_base_model() if model.active_peft_config.is_prompt_learning else model.unload()
-        else:
-            tables.append(run(_load(path, dtype, device), label, "", {**record, "base_model": path}))
+    tables = [
+        evaluate_shifts(model, tokenizer, data, batch_size=batch_size, max_length=max_length).assign(**provenance, **common)
+        for model, provenance in each_model(base_model, list(models), labels, include_base, dtype)
+    ]
     results = pd.concat(tables, ignore_index=True)
     return add_coherence_ratio(results, BASE_LABEL) if include_base else results
 

@@ -1,9 +1,12 @@
 """IA2: target positions, teacher targets against unpadded forwards, each loss at known points, the cache,
 a2t continuation, and every adapter training a few steps."""
 
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM
 
 from conftest import make_model
 from reprpo_trl import IA2Config, IA2Trainer
@@ -169,3 +172,129 @@ def test_every_adapter_trains_with_act(adapter, tmp_path, tokenizer, task):
         reloaded = PeftModel.from_pretrained(make_model(tokenizer), str(tmp_path / "saved"))
         weights = dict(reloaded.named_parameters())
         assert all(torch.allclose(weights[n], p.detach()) for n, p in trainer.model.named_parameters() if n in changed)
+
+
+def test_hub_loaders_on_local_copies(tmp_path):
+    import pandas as pd
+
+    from reprpo_trl.icl import validate_icl
+
+    sst2 = tmp_path / "sst2"
+    sst2.mkdir()
+    pd.DataFrame({"idx": range(6), "sentence": [f"fine film {i} " for i in range(6)], "label": [0, 1] * 3}).to_parquet(sst2 / "train.parquet")
+    pd.DataFrame({"idx": [0, 1], "sentence": ["dull", "great"], "label": [0, 1]}).to_parquet(sst2 / "validation.parquet")
+    examples, pool = load_icl_task("sst2", "test", pool_size=2, hub_id=str(sst2))
+    assert examples[:] == {"query": ["Review: dull\nSentiment:", "Review: great\nSentiment:"], "answer": ["negative", "positive"],
+                           "choices": [["negative", "positive"]] * 2}  # fmt: skip
+    assert pool["query"] == ["Review: fine film 4\nSentiment:", "Review: fine film 5\nSentiment:"]
+
+    gsm = tmp_path / "gsm8k"
+    (gsm / "main").mkdir(parents=True)
+    (gsm / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.parquet\n---\n")
+    pd.DataFrame({"question": ["Two plus two?", "Ten times 120?", "One?"], "answer": ["2+2=4\n#### 4", "#### 1,200", "#### 1"]}).to_parquet(gsm / "main" / "train.parquet")
+    examples, pool = load_icl_task("gsm8k", "train", pool_size=1, hub_id=str(gsm))
+    assert examples["answer"] == ["4", "1200"] and examples["query"][0] == "Q: Two plus two?\nA:" and len(pool) == 1
+
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="row 1: field 'answer' is empty"):
+        validate_icl(Dataset.from_list([{"query": "q", "answer": "a"}, {"query": "q", "answer": " "}]), "x")
+    with pytest.raises(ValueError, match="row 0: answer 'maybe' is not one of choices"):
+        validate_icl(Dataset.from_list([{"query": "q", "answer": "maybe", "choices": ["yes", "no"]}]), "x")
+    with pytest.raises(ValueError, match="ICL task spec 'imdb'"):
+        load_icl_task("imdb")
+
+
+# --- ICL evaluation ------------------------------------------------------------------------------------------
+
+
+def test_ece_equal_mass_bins_by_hand():
+    from reprpo_trl.eval.icl import expected_calibration_error
+
+    confidence = [0.9, 0.8, 0.6, 0.7]
+    correct = [1, 0, 1, 1]
+    # 2 bins of 2 by confidence: {0.6, 0.7} acc 1 conf 0.65; {0.8, 0.9} acc 0.5 conf 0.85
+    assert expected_calibration_error(confidence, correct, bins=2) == pytest.approx(0.5 * 0.35 + 0.5 * 0.35)
+    assert expected_calibration_error([1.0, 1.0], [1, 1]) == 0.0
+    assert expected_calibration_error(np_linspace := [i / 30 for i in range(30)], [1] * 30, bins=15) == pytest.approx(
+        1 - sum(np_linspace) / 30)
+
+
+class AlwaysSays(torch.nn.Module):
+    """Next-token logits that put `boost` on one token at every position; generate() repeats it."""
+
+    def __init__(self, vocab_size, token_id, boost=4.0):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.zeros(vocab_size))
+        self.logits.data[token_id] = boost
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        said = self.logits.argmax().expand(input_ids.shape[0], max_new_tokens)
+        return torch.cat([input_ids, said], dim=1)
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", *words])}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_prediction_metrics_on_a_model_that_always_says_p():
+    from datasets import Dataset
+
+    from reprpo_trl.eval.icl import prediction_rows, summarize_predictions
+
+    tokenizer = word_tokenizer(["a", "b", "c", "p", "n"])
+    rows = [{"query": "a", "answer": "p", "choices": ["p", "n"]}, {"query": "b", "answer": "n", "choices": ["p", "n"]}]
+    model = AlwaysSays(len(tokenizer), tokenizer.convert_tokens_to_ids("p"))
+    metrics = summarize_predictions(prediction_rows(model, tokenizer, ["a", "b"], Dataset.from_list(rows)))
+    V = len(tokenizer)
+    p_top = math.exp(4) / (math.exp(4) + V - 1)
+    assert metrics["acc"] == 0.5 and metrics["top1"] == 0.5
+    assert metrics["uncertainty"] == pytest.approx(1 - p_top, rel=1e-5)
+    assert metrics["entropy"] == pytest.approx(-(p_top * math.log(p_top) + (1 - p_top) * math.log((1 - p_top) / (V - 1))), rel=1e-5)
+    label_conf = math.exp(4) / (math.exp(4) + 1)  # renormalised over the two label tokens
+    assert metrics["ece"] == pytest.approx(0.5 * (1 - label_conf) + 0.5 * label_conf)  # one row per bin
+    free = [{"query": "a", "answer": "p p", "choices": []}, {"query": "b", "answer": "n", "choices": []}]
+    metrics = summarize_predictions(prediction_rows(model, tokenizer, ["a", "b"], Dataset.from_list(free), max_new_tokens=2))
+    assert metrics["acc"] == 0.5  # greedy "p p" matches the first answer only
+    clash = [{"query": "a", "answer": "p", "choices": ["p", "p"]}]
+    with pytest.raises(ValueError, match="share a first token"):
+        prediction_rows(model, tokenizer, ["a"], Dataset.from_list(clash))
+
+
+def test_icl_eval_cli(tmp_path, tokenizer, task, saved_model):
+    from reprpo_trl.evaluate_icl import main as icl_main
+    from reprpo_trl.io import read_table
+
+    trainer = ia2_trainer(tmp_path, tokenizer, task, model=AutoModelForCausalLM.from_pretrained(saved_model))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    out = tmp_path / "icl"
+    icl_main(["--base", saved_model, "--models", str(tmp_path / "adapter"), "--labels", "act", "--task", "suite:arith",
+              "--k", "2", "--n", "6", "--out", str(out)])  # fmt: skip
+    results = read_table(out.with_suffix(".parquet"))
+    assert results.label.tolist() == ["base", "act"] and (results.n == 6).all()
+    assert results.icl_minus_zs_acc.tolist() == (results.icl_acc - results.zs_acc).tolist()
+    layers = [c for c in results if c.startswith("act_cos_") and c != "act_cos_mean"]
+    assert len(layers) == 4 and results[layers].abs().le(1 + 1e-6).all().all()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and "| act" in out.with_suffix(".md").read_text()
+
+
+def test_activation_similarity_is_one_without_demonstrations(tokenizer, task):
+    from reprpo_trl.eval.icl import activation_similarity
+
+    examples, pool = task
+    model = make_model(tokenizer)
+    same = activation_similarity(model, model, tokenizer, examples, pool, k=0, seed=0)
+    assert len(same) == 4 and all(c == pytest.approx(1.0, abs=1e-3) for c in same)
+    shifted = activation_similarity(model, model, tokenizer, examples, pool, k=2, seed=0)
+    assert all(c < 0.999 for c in shifted)

@@ -43,7 +43,7 @@ class Targets:
         return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in index.tolist()])
 
 
-def _prefix_padded(sequences: list[list[int]], pad_id: int):
+def left_padded(sequences: list[list[int]], pad_id: int):
     """Left-padded ids, attention mask and position ids (counted from each row's first real token)."""
     width = max(map(len, sequences))
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
@@ -51,7 +51,7 @@ def _prefix_padded(sequences: list[list[int]], pad_id: int):
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def _cut(tokens: list[int], tokenizer, eos_id) -> list[int]:
+def cut_answer(tokens: list[int], tokenizer, eos_id) -> list[int]:
     """Greedy tokens up to (not including) EOS or the first token that contains a line break; at least one."""
     for t, token in enumerate(tokens):
         if token == eos_id or "\n" in tokenizer.decode([token]):
@@ -76,11 +76,11 @@ def compute_targets(model, tokenizer, prompts: list[str], answers: list[str], la
         if label_type == "ground_truth":
             targets = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
         else:
-            ids, mask, _ = _prefix_padded(batch_prompts, pad_id)
+            ids, mask, _ = left_padded(batch_prompts, pad_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad_id)  # fmt: skip
-            targets = [_cut(row[ids.shape[1] :].tolist(), tokenizer, tokenizer.eos_token_id) for row in out]
-        ids, mask, positions = _prefix_padded([p + t for p, t in zip(batch_prompts, targets)], pad_id)
+            targets = [cut_answer(row[ids.shape[1] :].tolist(), tokenizer, tokenizer.eos_token_id) for row in out]
+        ids, mask, positions = left_padded([p + t for p, t in zip(batch_prompts, targets)], pad_id)
         width = ids.shape[1]
         rows = torch.cat([torch.full((len(t),), b) for b, t in enumerate(targets)])
         cols = torch.cat([torch.arange(width - len(t) - 1, width - 1) for t in targets])
