@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_trainers.py
+	$(BIN)/python benchmarks/bench_ia2.py
 
 clean:
 	rm -rf $(VENV) outputs

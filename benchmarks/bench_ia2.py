@@ -1,0 +1,108 @@
+"""IA2 step time and memory as ratios to TRL's own SFTTrainer, and the one-time target precompute (make bench).
+
+Both train the same model (LoRA r=16 on q,k,v,o) on the same student rows of the offline ICL suite (query +
+answer, loss on the answer) with the same batch, each in a fresh process: median step time after two warm-up
+steps and peak memory (CUDA max_memory_allocated on GPU, peak RSS on CPU). IA2 also reports the time of its
+one-time teacher pass (k demonstrations + query, all layers' self-attention outputs, cached in fp16) and the
+size of the cache file.
+
+    python benchmarks/bench_ia2.py [--model embedded/SmolLM2-135M-Instruct] [--steps 12] [--batch 8]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIGS = {  # name -> IA2 method, or None for TRL's SFTTrainer
+    "sft": None,
+    "ia2_act": "act",
+    "ia2_tna": "tna",
+}
+
+
+def run_one(name, model_name, steps, batch, device, num_demos):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from reprpo_trl import IA2Config, IA2Trainer
+    from reprpo_trl.icl import load_icl_task
+    from reprpo_trl.models import resolve_model
+
+    path = resolve_model(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    examples, pool = load_icl_task("suite:sentiment", n=steps * batch, pool_size=64)
+    common = dict(output_dir=f"/tmp/bench_{name}", max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
+                  report_to="none", save_strategy="no", logging_steps=steps, use_cpu=device == "cpu", bf16=device == "cuda",
+                  max_length=128, seed=0, disable_tqdm=True, gradient_checkpointing=False)  # fmt: skip
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    extra = {}
+    if CONFIGS[name] is None:
+        rows = Dataset.from_dict({"prompt": examples["query"], "completion": [" " + a for a in examples["answer"]]})
+        trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer, peft_config=lora)
+    else:
+        cache = tempfile.mkdtemp()
+        args = IA2Config(**common, ia2_method=CONFIGS[name], label_type="ground_truth", num_demos=num_demos, target_cache_dir=cache)
+        start = time.perf_counter()
+        trainer = IA2Trainer(model, args=args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer, peft_config=lora)
+        extra = {"precompute_s": time.perf_counter() - start, "cache_mib": trainer.targets_path.stat().st_size / 2**20}
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    trainer.add_callback(Timer())
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": statistics.median(times[2:]), "peak_mib": peak, **extra}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded/SmolLM2-135M-Instruct")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--num_demos", type=int, default=4)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.one:
+        print(json.dumps(run_one(args.one, args.model, args.steps, args.batch, device, args.num_demos)))
+        return
+    results = {}
+    for name in args.configs:
+        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--num_demos", str(args.num_demos)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+        print(f"{name:10s} {json.dumps(results[name])}", flush=True)
+    base = results["sft"]
+    print(f"\nratios vs TRL SFTTrainer, {device}, model {args.model}, batch {args.batch}, {args.steps} steps:")
+    for name, r in results.items():
+        once = f"  one-time targets {r['precompute_s']:.1f}s for {args.steps * args.batch} examples, cache {r['cache_mib']:.1f} MiB" if "precompute_s" in r else ""
+        print(f"{name:10s} time {r['step_s'] / base['step_s']:5.2f}  memory {r['peak_mib'] / base['peak_mib']:5.2f}{once}")
+
+
+if __name__ == "__main__":
+    main()
