@@ -4,29 +4,23 @@ similarity of a base model and trained IA2 adapters (reprpo_trl.eval.icl).
     reprpo-icl-eval --base embedded/SmolLM2-135M-Instruct --models outputs/ia2_act_lora outputs/ia2_tok_lora \
         --task suite:sentiment --k 4 --n 200 --out results/icl_sentiment
 
-Writes <out>.parquet and <out>.csv (one row per model, with provenance), <out>.md (a table) and <out>.png
-(accuracy without and with demonstrations per model), atomically. The examples come from the task's test split;
-demonstrations from its training pool, drawn per example by --demo_seed.
+Writes <out>.parquet and <out>.csv (one row per model, with provenance) atomically and prints a table;
+`reprpo-report <out>.parquet [more seeds ...] --out DIR` turns result files into tables with intervals over
+seeds and a plot. The examples come from the task's test split; demonstrations from its training pool, drawn
+per example by --demo_seed.
 """
 
 import argparse
-import io
-from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import torch
+from peft import PeftModel
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
-
-from .eval.icl import evaluate_icl  # noqa: E402
-from .evaluate import each_model, load_base  # noqa: E402
-from .icl import load_icl_task  # noqa: E402
-from .io import atomic_write_bytes, atomic_write_text, write_table  # noqa: E402
-from .provenance import code_revision  # noqa: E402
+from .eval.icl import evaluate_icl
+from .evaluate import each_model, load_base
+from .icl import load_icl_task
+from .io import write_table
+from .provenance import code_revision
 
 TABLE_COLUMNS = ["label", "zs_acc", "icl_acc", "icl_minus_zs_acc", "zs_top1", "zs_entropy", "zs_uncertainty", "zs_ece", "act_cos_mean"]
 
@@ -46,23 +40,6 @@ def evaluate_icl_models(base: str, models: list[str], task: str, k: int = 4, n: 
     return pd.DataFrame(rows)
 
 
-def plot_icl(results: pd.DataFrame) -> bytes:
-    fig, ax = plt.subplots(figsize=(1.6 * len(results) + 2, 4))
-    x = np.arange(len(results))
-    ax.bar(x - 0.2, results.zs_acc, 0.4, label="without demonstrations")
-    ax.bar(x + 0.2, results.icl_acc, 0.4, label=f"with {int(results.k.iloc[0])} demonstrations")
-    ax.set_xticks(x, results.label, rotation=20)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"ICL accuracy on {results.task.iloc[0]} (n={int(results.n.iloc[0])})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="reprpo-icl-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="embedded/SmolLM2-135M-Instruct")
@@ -78,12 +55,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results = evaluate_icl_models(args.base, args.models, args.task, args.k, args.n, args.demo_seed, args.labels,
                                   args.batch_size, args.dtype)  # fmt: skip
-    write_table(results, args.out)
-    stem = Path(args.out).with_suffix("")
-    table = results[[c for c in TABLE_COLUMNS if c in results]].set_index("label").to_markdown(floatfmt=".3f")
-    atomic_write_text(stem.with_suffix(".md"), f"# ICL evaluation: {args.task}, k={args.k}, n={len(results) and int(results.n[0])}\n\n{table}\n")
-    atomic_write_bytes(stem.with_suffix(".png"), plot_icl(results))
-    print(table)
+    paths = write_table(results, args.out)
+    print(results[[c for c in TABLE_COLUMNS if c in results]].set_index("label").to_markdown(floatfmt=".3f"))
+    print("wrote", *paths)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ table shows the mean over seeds ± the half-width of the 95% t-interval,
 with no interval for n = 1. Tables: absolute accuracy, gain over the base model in percentage points,
 coherence (NLL of chosen completions relative to base; above 1 = less coherent). Rows of the `validation`
 shift select models and never appear in a table. Writes report.md, summary.csv and shifts.png atomically.
+Given reprpo-icl-eval results instead, it writes icl_report.md, icl_summary.csv and icl.png: accuracy without
+and with demonstrations, calibration error and activation similarity, per method and task, over seeds.
 """
 
 import argparse
@@ -31,6 +33,12 @@ METRICS = {  # name -> (column, scale, subtract base, title)
     "gain_pp": ("acc", 100.0, True, "Accuracy gain over base (pp)"),
     "nll_ratio": ("nll_ratio", 1.0, False, "Coherence: NLL(chosen) / NLL_base"),
 }
+ICL_METRICS = {  # reprpo-icl-eval results: one column per task
+    "zs_acc": ("zs_acc", 1.0, False, "ICL task accuracy without demonstrations"),
+    "icl_acc": ("icl_acc", 1.0, False, "ICL task accuracy with k demonstrations"),
+    "zs_ece": ("zs_ece", 1.0, False, "Calibration error without demonstrations (ECE, 15 equal-mass bins)"),
+    "act_cos_mean": ("act_cos_mean", 1.0, False, "Self-attention cosine to the base model with demonstrations"),
+}
 
 
 def interval95(values) -> tuple[float, float, int]:
@@ -49,26 +57,28 @@ def load_results(paths) -> pd.DataFrame:
     return add_coherence_ratio(results.drop(columns="nll_ratio", errors="ignore"), BASE_LABEL)
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (metric, label, shift): mean, 95% half-width and number of seeds."""
-    reported = results[results["shift"].isin(REPORTED_SHIFTS)]
-    per_seed = reported.groupby(["label", "seed", "shift"], sort=False, dropna=False)[["acc", "nll_ratio"]].mean().reset_index()
-    base_acc = per_seed[per_seed.label == BASE_LABEL].groupby("shift").acc.mean()
+def summarize(results: pd.DataFrame, metrics: dict = METRICS, column: str = "shift") -> pd.DataFrame:
+    """One row per (metric, label, column value): mean over seeds, 95% half-width and number of seeds; each
+    seed's value is the mean over the datasets of that shift (`column`: "shift", or "task" for ICL results)."""
+    reported = results[results[column].isin(REPORTED_SHIFTS)] if column == "shift" else results
+    values = sorted({spec[0] for spec in metrics.values()})
+    per_seed = reported.groupby(["label", "seed", column], sort=False, dropna=False)[values].mean().reset_index()
+    base = per_seed[per_seed.label == BASE_LABEL].groupby(column)[values].mean()
     rows = []
-    for metric, (column, scale, relative, _) in METRICS.items():
-        for (label, shift), group in per_seed.groupby(["label", "shift"], sort=False):
+    for metric, (value, scale, relative, _) in metrics.items():
+        for (label, where), group in per_seed.groupby(["label", column], sort=False):
             if relative and label == BASE_LABEL:
                 continue
-            values = scale * (group[column] - (base_acc.get(shift, np.nan) if relative else 0))
-            mean, half, n = interval95(values)
-            rows.append({"metric": metric, "label": label, "shift": shift, "mean": mean, "ci95": half, "n_seeds": n})
+            mean, half, n = interval95(scale * (group[value] - (base[value].get(where, np.nan) if relative else 0)))
+            rows.append({"metric": metric, "label": label, "shift": where, "mean": mean, "ci95": half, "n_seeds": n})
     return pd.DataFrame(rows)
 
 
 def _order(summary: pd.DataFrame) -> tuple[list[str], list[str]]:
     labels = list(dict.fromkeys(summary.label))
     labels = [BASE_LABEL] * (BASE_LABEL in labels) + [x for x in labels if x != BASE_LABEL]
-    return labels, [s for s in REPORTED_SHIFTS if s in set(summary["shift"])]
+    columns = list(dict.fromkeys(summary["shift"]))
+    return labels, sorted(columns, key=lambda c: REPORTED_SHIFTS.index(c) if c in REPORTED_SHIFTS else len(REPORTED_SHIFTS))
 
 
 def markdown_table(summary: pd.DataFrame, metric: str, digits: int) -> str:
@@ -83,12 +93,12 @@ def markdown_table(summary: pd.DataFrame, metric: str, digits: int) -> str:
     return table.fillna("").rename_axis("method").to_markdown()
 
 
-def plot(summary: pd.DataFrame) -> bytes:
-    """Grouped bars (one group per shift, one bar per method) with 95% intervals, one panel per metric; PNG."""
+def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
+    """Grouped bars (one group per shift or task, one bar per method) with 95% intervals, one panel per metric; PNG."""
     labels, shifts = _order(summary)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS), 4.5))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
     colors = dict(zip(labels, plt.get_cmap("tab10").colors))
-    for ax, (metric, (*_, title)) in zip(axes, METRICS.items()):
+    for ax, (metric, (*_, title)) in zip(axes, metrics.items()):
         part = summary[summary.metric == metric].set_index(["label", "shift"])
         present = [x for x in labels if x in set(part.index.get_level_values(0))]
         width = 0.8 / max(len(present), 1)
@@ -97,13 +107,15 @@ def plot(summary: pd.DataFrame) -> bytes:
             x = np.arange(len(shifts)) + (i - (len(present) - 1) / 2) * width
             ax.bar(x, rows["mean"], width, yerr=rows.ci95.fillna(0), capsize=3, label=label, color=colors[label])
         ax.set_xticks(np.arange(len(shifts)), [s.replace("_", "\n") for s in shifts])
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         if metric == "gain_pp":
             ax.axhline(0, color="black", lw=0.8)
         if metric == "nll_ratio":
             ax.axhline(1, color="black", lw=0.8, ls="--")
         if metric == "accuracy":
             ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        if metric.endswith("acc"):
+            ax.set_ylim(0, 1)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -140,13 +152,35 @@ def write_report(results: pd.DataFrame, out_dir, title: str = "Preference accura
     return [out_dir / "report.md", out_dir / "summary.csv", out_dir / "shifts.png"]
 
 
+def write_icl_report(results: pd.DataFrame, out_dir, title: str = "ICL accuracy without and with demonstrations") -> list[Path]:
+    """icl_report.md, icl_summary.csv and icl.png under `out_dir`, from reprpo-icl-eval results."""
+    out_dir = Path(out_dir)
+    summary = summarize(results, ICL_METRICS, column="task")
+    seeds = sorted(set(summary[summary.label != BASE_LABEL].n_seeds)) or [1]
+    k, n = sorted(set(results.k.astype(int))), sorted(set(results.n.astype(int)))
+    lines = [f"# {title}", "", f"Mean over seeds ± half-width of the 95% t-interval (seeds per method: {seeds}); "
+             f"k = {k} demonstrations, {n} test examples per task. Base = the model before training.", "",
+             "![icl](icl.png)", ""]  # fmt: skip
+    for metric, (*_, heading) in ICL_METRICS.items():
+        lines += [f"## {heading}", "", markdown_table(summary, metric, 3), ""]
+    atomic_write_bytes(out_dir / "icl.png", plot(summary, ICL_METRICS))
+    atomic_write_text(out_dir / "icl_summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out_dir / "icl_report.md", "\n".join(lines))
+    return [out_dir / "icl_report.md", out_dir / "icl_summary.csv", out_dir / "icl.png"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="reprpo-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="reprpo-eval result files (.parquet or .csv); they must include the base rows.")
+    parser.add_argument("results", nargs="+", help="reprpo-eval or reprpo-icl-eval result files (.parquet or .csv), with the base rows.")
     parser.add_argument("--out", required=True, help="Directory for report.md, summary.csv and shifts.png.")
     parser.add_argument("--title", default="Preference accuracy across distribution shifts")
     args = parser.parse_args(argv)
-    for path in write_report(load_results(args.results), args.out, args.title):
+    first = read_table(args.results[0])
+    if "zs_acc" in first:  # reprpo-icl-eval results
+        paths = write_icl_report(pd.concat([read_table(p) for p in args.results], ignore_index=True), args.out)
+    else:
+        paths = write_report(load_results(args.results), args.out, args.title)
+    for path in paths:
         print("wrote", path)
 
 

@@ -286,7 +286,12 @@ def test_icl_eval_cli(tmp_path, tokenizer, task, saved_model):
     assert results.icl_minus_zs_acc.tolist() == (results.icl_acc - results.zs_acc).tolist()
     layers = [c for c in results if c.startswith("act_cos_") and c != "act_cos_mean"]
     assert len(layers) == 4 and results[layers].abs().le(1 + 1e-6).all().all()
-    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and "| act" in out.with_suffix(".md").read_text()
+    from reprpo_trl.report import main as report_main
+
+    report_main([str(out.with_suffix(".parquet")), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "icl_report.md").read_text()
+    assert "ICL task accuracy without demonstrations" in text and "| act" in text and "suite:arith" in text
+    assert (tmp_path / "report" / "icl.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_activation_similarity_is_one_without_demonstrations(tokenizer, task):
