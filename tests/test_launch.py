@@ -64,13 +64,15 @@ def multi_cpu_config(tmp_path, port):
     [
         {"trainer": "projgrad", "proj_beta": 0.2},
         {"trainer": "reprpo", "layers": "1,2", "hidden_loss": "rank", "transform": "ether"},
+        {"trainer": "ia2", "ia2_method": "tna", "train_dataset": "suite:sentiment", "num_demos": 2, "max_length": 128},
     ],
-    ids=["projgrad", "reprpo-ether"],
+    ids=["projgrad", "reprpo-ether", "ia2-tna"],
 )
 def test_ddp_matches_one_process(method, tmp_path, tiny_recipe):
     """One SGD step on 4 pairs, as 2 processes x 2 pairs or 1 process x 4 pairs, gives the same adapter (and
-    transform): ProjGrad sums its direction over processes before projecting the all-reduced gradient, and ReprPO
-    averages the gradients of the transform, which lives outside the DDP model."""
+    transform): ProjGrad sums its direction over processes before projecting the all-reduced gradient, ReprPO
+    averages the gradients of the transform, which lives outside the DDP model, and IA2 divides its per-token
+    terms by the target tokens of all processes (its teacher targets are computed once, by the main process)."""
     from safetensors.torch import load_file
 
     recipe = yaml.safe_load(tiny_recipe.read_text())
@@ -81,6 +83,8 @@ def test_ddp_matches_one_process(method, tmp_path, tiny_recipe):
     for processes, config in ((1, ROOT / "accelerate_configs" / "single.yaml"), (2, multi_cpu_config(tmp_path, 29534))):
         out = tmp_path / f"out{processes}"
         path = tmp_path / f"recipe{processes}.yaml"
+        if recipe["trainer"] == "ia2":
+            recipe["target_cache_dir"] = str(tmp_path / "cache")
         path.write_text(yaml.safe_dump({**recipe, "output_dir": str(out), "per_device_train_batch_size": 4 // processes}))
         result = launch(config, path)
         assert result.returncode == 0, result.stderr[-3000:]
