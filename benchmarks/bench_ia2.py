@@ -11,12 +11,12 @@ size of the cache file.
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from timing import train_and_measure
 
 CONFIGS = {  # name -> IA2 method, or None for TRL's SFTTrainer
     "sft": None,
@@ -29,7 +29,7 @@ def run_one(name, model_name, steps, batch, device, num_demos):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from reprpo_trl import IA2Config, IA2Trainer
@@ -54,25 +54,7 @@ def run_one(name, model_name, steps, batch, device, num_demos):
         start = time.perf_counter()
         trainer = IA2Trainer(model, args=args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer, peft_config=lora)
         extra = {"precompute_s": time.perf_counter() - start, "cache_mib": trainer.targets_path.stat().st_size / 2**20}
-    times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.start)
-
-    trainer.add_callback(Timer())
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": statistics.median(times[2:]), "peak_mib": peak, **extra}
+    return {**train_and_measure(trainer, device), **extra}
 
 
 def main():

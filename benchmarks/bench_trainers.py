@@ -9,11 +9,10 @@ max_memory_allocated on GPU, peak RSS on CPU, which includes the weights every c
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
+
+from timing import train_and_measure
 
 CONFIGS = {  # name -> (trainer, extra config)
     "dpo": ("dpo", {}),
@@ -37,7 +36,7 @@ CONFIGS = {  # name -> (trainer, extra config)
 def run_one(name, model_name, steps, batch, device):
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from reprpo_trl.data import make_family
     from reprpo_trl.models import resolve_model
@@ -58,28 +57,7 @@ def run_one(name, model_name, steps, batch, device):
     trainer = trainer_class(
         model, args=config_class(**common, **extra), train_dataset=data, processing_class=tokenizer, peft_config=lora
     )
-    times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.start)
-
-    trainer.add_callback(Timer())
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": statistics.median(times[2:]), "peak_mib": peak}
+    return train_and_measure(trainer, device)
 
 
 def main():

@@ -90,6 +90,9 @@ class IA2Trainer(SFTTrainer):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         prompts = teacher_prompts(train_dataset, demo_pool, args.num_demos, args.demo_seed)
+        placed = args.deepspeed or args.fsdp or getattr(model, "hf_device_map", None) or getattr(model, "is_quantized", False)
+        if not placed:
+            model.to(args.device)  # the teacher pass runs where training will (the Trainer would move it next anyway)
         base = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
         with args.main_process_first(desc="IA2 targets"), base:
             self.targets, self.targets_path, computed = cached_targets(
