@@ -81,6 +81,9 @@ def test_hub_style_repo_with_configs(tmp_path):
     )
     assert len(load_preference_dataset(f"{repo}:math:test")) == 12
     assert len(load_preference_dataset(f"{repo}:math")) == 4  # split defaults to train
+    # the shipped GENIES shift specs slice the training split into train and validation
+    assert load_preference_dataset(f"{repo}:math:test[:75%]")[:] == Dataset.from_list(rows[:9])[:]
+    assert load_preference_dataset(f"{repo}:math:test[75%:]")[:] == Dataset.from_list(rows[9:])[:]
 
 
 @pytest.mark.parametrize(

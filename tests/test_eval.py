@@ -166,3 +166,12 @@ def test_callback_logs_curves_without_changing_training(tmp_path, tokenizer, pai
     assert curves[0]["shift/in_domain/nll_ratio"] != 1.0  # the adapter moved away from the base model
     train_logs = [{k: v for k, v in row.items() if not k.startswith("shift/")} for row in watched.state.log_history if "loss" in row]
     assert train_logs == [row for row in plain.state.log_history if "loss" in row]
+
+
+def test_evaluate_a_full_model_directory(tmp_path, tokenizer, saved_model):
+    full = tmp_path / "full"
+    make_model(tokenizer, seed=5).save_pretrained(full)
+    (full / RUN_RECORD).write_text(json.dumps({"method": "dpo", "seed": 1}))
+    results = evaluate_models(saved_model, [str(full)], {"in_domain": ["suite:add_small:test"]}, n=4)
+    trained = results[results.label == "dpo"].iloc[0]
+    assert trained.adapter == "" and trained.seed == 1 and trained.nll_ratio != 1.0
