@@ -53,7 +53,8 @@ def interval95(values) -> tuple[float, float, int]:
 def load_results(paths) -> pd.DataFrame:
     """Concatenate result files, drop repeated base rows, and make sure nll_ratio is there."""
     results = pd.concat([read_table(p) for p in paths], ignore_index=True)
-    results = results.drop_duplicates(["label", "seed", "shift", "dataset", "fingerprint"], keep="last")
+    identity = [c for c in ("label", "adapter", "seed", "learning_rate", "shift", "dataset", "fingerprint") if c in results]
+    results = results.drop_duplicates(identity, keep="last")  # the same run evaluated twice counts once
     return add_coherence_ratio(results.drop(columns="nll_ratio", errors="ignore"), BASE_LABEL)
 
 
@@ -116,8 +117,9 @@ def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
             ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         if metric.endswith("acc"):
             ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)

@@ -46,6 +46,13 @@ def test_sweep_runs_selects_reports_and_resumes(grid, monkeypatch, capsys):
     assert set(summary["shift"]) == {"in_domain"} and (summary[summary.label == "dpo"].n_seeds == 2).all()
     results = pd.concat([pd.read_parquet(r.result) for r in runs])
     assert sorted(results.learning_rate.unique()) == [1e-4, 5e-2] and sorted(results.seed.unique()) == [1, 2]
+    # the selection compares every learning rate, and picks the best mean validation accuracy
+    validation = results[results["shift"] == "validation"].groupby("learning_rate").acc.mean()
+    header = next(line for line in report.split("## Model selection")[1].splitlines() if line.startswith("| method"))
+    assert "0.0001" in header and "0.05" in header
+    best = validation[validation == validation.max()].index.min()
+    assert f"Selected: dpo → lr {best:g}." in report
+    assert summary[summary.label == "dpo"]["mean"].notna().all()
 
     # resume: only the run without a result is evaluated again, and nothing is retrained
     runs[1].result.unlink()
