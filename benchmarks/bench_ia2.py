@@ -18,10 +18,11 @@ import time
 
 from timing import train_and_measure
 
-CONFIGS = {  # name -> IA2 method, or None for TRL's SFTTrainer
+CONFIGS = {  # name -> (IA2 method, label type), or None for TRL's SFTTrainer
     "sft": None,
-    "ia2_act": "act",
-    "ia2_tna": "tna",
+    "ia2_act": ("act", "ground_truth"),  # the same target tokens as the SFT rows
+    "ia2_tna": ("tna", "ground_truth"),
+    "ia2_act_icl_outputs": ("act", "icl_outputs"),  # the recipes' default: the teacher pass also decodes greedily
 }
 
 
@@ -50,7 +51,8 @@ def run_one(name, model_name, steps, batch, device, num_demos):
         trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=rows, processing_class=tokenizer, peft_config=lora)
     else:
         cache = tempfile.mkdtemp()
-        args = IA2Config(**common, ia2_method=CONFIGS[name], label_type="ground_truth", num_demos=num_demos, target_cache_dir=cache)
+        method, label_type = CONFIGS[name]
+        args = IA2Config(**common, ia2_method=method, label_type=label_type, num_demos=num_demos, max_new_tokens=2, target_cache_dir=cache)
         start = time.perf_counter()
         trainer = IA2Trainer(model, args=args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer, peft_config=lora)
         extra = {"precompute_s": time.perf_counter() - start, "cache_mib": trainer.targets_path.stat().st_size / 2**20}
