@@ -9,14 +9,10 @@ size of the cache file.
     python benchmarks/bench_ia2.py [--model embedded/SmolLM2-135M-Instruct] [--steps 12] [--batch 8]
 """
 
-import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 
-from timing import train_and_measure
+from timing import run_benchmark, train_and_measure
 
 CONFIGS = {  # name -> (IA2 method, label type), or None for TRL's SFTTrainer
     "sft": None,
@@ -26,7 +22,8 @@ CONFIGS = {  # name -> (IA2 method, label type), or None for TRL's SFTTrainer
 }
 
 
-def run_one(name, model_name, steps, batch, device, num_demos):
+def run_one(name, args, device):
+    model_name, steps, batch, num_demos = args.model, args.steps, args.batch, args.num_demos
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -60,32 +57,12 @@ def run_one(name, model_name, steps, batch, device, num_demos):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded/SmolLM2-135M-Instruct")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--num_demos", type=int, default=4)
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.one:
-        print(json.dumps(run_one(args.one, args.model, args.steps, args.batch, device, args.num_demos)))
-        return
-    results = {}
-    for name in args.configs:
-        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--num_demos", str(args.num_demos)]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-        print(f"{name:10s} {json.dumps(results[name])}", flush=True)
+    args, device, results = run_benchmark(__file__, __doc__, CONFIGS, run_one, {"num_demos": (int, 4)})
     base = results["sft"]
     print(f"\nratios vs TRL SFTTrainer, {device}, model {args.model}, batch {args.batch}, {args.steps} steps:")
     for name, r in results.items():
         once = f"  one-time targets {r['precompute_s']:.1f}s for {args.steps * args.batch} examples, cache {r['cache_mib']:.1f} MiB" if "precompute_s" in r else ""
-        print(f"{name:10s} time {r['step_s'] / base['step_s']:5.2f}  memory {r['peak_mib'] / base['peak_mib']:5.2f}{once}")
+        print(f"{name:20s} time {r['step_s'] / base['step_s']:5.2f}  memory {r['peak_mib'] / base['peak_mib']:5.2f}{once}")
 
 
 if __name__ == "__main__":

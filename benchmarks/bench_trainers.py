@@ -7,12 +7,8 @@ max_memory_allocated on GPU, peak RSS on CPU, which includes the weights every c
     python benchmarks/bench_trainers.py [--model embedded/SmolLM2-135M-Instruct] [--steps 12] [--batch 8]
 """
 
-import argparse
-import json
-import subprocess
-import sys
 
-from timing import train_and_measure
+from timing import run_benchmark, train_and_measure
 
 CONFIGS = {  # name -> (trainer, extra config)
     "dpo": ("dpo", {}),
@@ -33,7 +29,8 @@ CONFIGS = {  # name -> (trainer, extra config)
 }
 
 
-def run_one(name, model_name, steps, batch, device):
+def run_one(name, args, device):
+    model_name, steps, batch = args.model, args.steps, args.batch
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,25 +58,7 @@ def run_one(name, model_name, steps, batch, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded/SmolLM2-135M-Instruct")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.one:
-        print(json.dumps(run_one(args.one, args.model, args.steps, args.batch, device)))
-        return
-    results = {}
-    for name in args.configs:
-        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-        print(f"{name:28s} step {results[name]['step_s']:.3f}s  peak {results[name]['peak_mib']:.0f} MiB", flush=True)
+    args, device, results = run_benchmark(__file__, __doc__, CONFIGS, run_one)
     base = results["dpo"]
     print(f"\nratios vs TRL DPOTrainer (live reference), {device}, model {args.model}, batch {args.batch}:")
     print(f"{'config':28s} {'time':>6s} {'memory':>7s}")
