@@ -88,3 +88,14 @@ def test_grid_errors(tmp_path, grid):
     bad.write_text(yaml.safe_dump({**raw, "shifts": str(no_validation)}))
     with pytest.raises(ValueError, match="needs a 'validation' shift"):
         sweep.load_grid(str(bad))
+
+
+def test_slurm_array_template_runs_its_line(tmp_path):
+    import os
+    import subprocess
+
+    commands = tmp_path / "runs.txt"
+    commands.write_text(f"echo first > {tmp_path}/ran\necho second > {tmp_path}/ran\n")
+    script = Path(__file__).parents[1] / "slurm" / "sweep_array.sbatch"
+    subprocess.run(["bash", str(script), str(commands)], check=True, env={**os.environ, "SLURM_ARRAY_TASK_ID": "2"})
+    assert (tmp_path / "ran").read_text() == "second\n"
