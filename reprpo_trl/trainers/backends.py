@@ -1,4 +1,10 @@
-"""Start-up refusal for launches where a Trainer-level edit would silently do nothing."""
+"""Start-up checks shared by the trainers: the right config class, and no backend that would ignore an edit."""
+
+
+def require_config(trainer_name: str, args, config_class) -> None:
+    """Raise TypeError unless `args` is a `config_class` (the trainer's own fields would be missing)."""
+    if not isinstance(args, config_class):
+        raise TypeError(f"{trainer_name} needs args={config_class.__name__}(...), got {type(args).__name__}")
 
 
 def refuse_sharded_backends(trainer, what: str, advice: str) -> None:

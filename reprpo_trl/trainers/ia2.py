@@ -24,6 +24,7 @@ from ..icl.prompts import student_prompt, teacher_prompts
 from ..icl.targets import LABEL_TYPES, cached_targets
 from ..models import cache_dir
 from ..sites import StateCollector, attention_sites, unwrap
+from .backends import require_config
 
 IA2_METHODS = ("act", "tok", "tokl", "tna", "a2t", "t2a")
 LOSS_OF_METHOD = {"act": "act", "tok": "tok", "tokl": "tokl", "tna": "tna", "a2t": "tok", "t2a": "act"}
@@ -82,8 +83,7 @@ class IA2Trainer(SFTTrainer):
     """SFTTrainer on (query, answer) rows plus a demonstration pool; see the module docstring."""
 
     def __init__(self, model, args: IA2Config, train_dataset: Dataset, demo_pool: Dataset, processing_class, peft_config=None, **kwargs):
-        if not isinstance(args, IA2Config):
-            raise TypeError(f"IA2Trainer needs args=IA2Config(...), got {type(args).__name__}")
+        require_config("IA2Trainer", args, IA2Config)
         if kwargs.get("eval_dataset") is not None:
             raise ValueError("IA2Trainer takes no eval_dataset: evaluate with reprpo_trl.eval.icl (accuracy with/without demos)")
         tokenizer = processing_class

@@ -13,6 +13,7 @@ import torch
 
 from ..projection import project_rows, unit
 from ..sites import first_tensor
+from .backends import require_config
 from .projgrad import GradientProjectionConfig, PreferenceDirectionTrainer
 
 
@@ -27,8 +28,7 @@ class ProjBPTrainer(PreferenceDirectionTrainer):
     _tag_names = ["trl", "dpo", "projbp"]
 
     def __init__(self, model, ref_model=None, args: ProjBPConfig | None = None, **kwargs):
-        if not isinstance(args, ProjBPConfig):
-            raise TypeError(f"ProjBPTrainer needs args=ProjBPConfig(...), got {type(args).__name__}")
+        require_config("ProjBPTrainer", args, ProjBPConfig)
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

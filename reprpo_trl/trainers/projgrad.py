@@ -18,7 +18,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..projection import adapted_modules, output_axis_parameters, project_output_axis, unit
 from ..sites import POOLINGS, StateCollector, unwrap
-from .backends import refuse_sharded_backends
+from .backends import refuse_sharded_backends, require_config
 
 DIRECTION_SOURCES = ("reference", "policy")
 
@@ -73,8 +73,7 @@ class PreferenceDirectionTrainer(DPOTrainer):
     """DPOTrainer that pools every adapted module's output for policy and reference around `compute_loss`."""
 
     def __init__(self, model, ref_model=None, args: GradientProjectionConfig | None = None, **kwargs):
-        if not isinstance(args, GradientProjectionConfig):
-            raise TypeError(f"{type(self).__name__} needs its config class as args, got {type(args).__name__}")
+        require_config(type(self).__name__, args, GradientProjectionConfig)
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         self.projected = adapted_modules(self.model, args.proj_modules)
         reference = unwrap(self.ref_model) if self.ref_model is not None else None
@@ -102,8 +101,7 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
     _tag_names = ["trl", "dpo", "projgrad"]
 
     def __init__(self, model, ref_model=None, args: ProjGradConfig | None = None, **kwargs):
-        if not isinstance(args, ProjGradConfig):
-            raise TypeError(f"ProjGradTrainer needs args=ProjGradConfig(...), got {type(args).__name__}")
+        require_config("ProjGradTrainer", args, ProjGradConfig)
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         refuse_sharded_backends(
             self,

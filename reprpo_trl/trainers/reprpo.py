@@ -24,7 +24,7 @@ from trl import DPOConfig, DPOTrainer
 from ..losses import HIDDEN_LOSSES, preference_geometry
 from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, unwrap
 from ..transforms import ORTHO_MAPS, ORTHOGONAL, TRANSFORMS, SiteTransforms
-from .backends import refuse_sharded_backends
+from .backends import refuse_sharded_backends, require_config
 
 REF_STATES = "ref_states"  # dataset column / batch key: (2, sum of raw site widths) pooled reference states per pair
 INVARIANT_LOSSES = ("mse", "innerdpo", "prefvec")  # built from inner products and norms only
@@ -186,8 +186,7 @@ class ReprPOTrainer(DPOTrainer):
     _tag_names = ["trl", "dpo", "reprpo"]
 
     def __init__(self, model, ref_model=None, args: ReprPOConfig | None = None, **kwargs):
-        if not isinstance(args, ReprPOConfig):
-            raise TypeError(f"ReprPOTrainer needs args=ReprPOConfig(...), got {type(args).__name__}")
+        require_config("ReprPOTrainer", args, ReprPOConfig)
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         self.layers = parse_layer_spec(args.layers, len(decoder_layers(self.model)))
         models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
