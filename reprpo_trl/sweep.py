@@ -135,25 +135,27 @@ def base_result(grid: Grid) -> Path:
     return path
 
 
-def select(grid: Grid, results: pd.DataFrame) -> pd.DataFrame:
-    """Per method, the learning rate with the best mean validation accuracy over seeds (ties: the smaller rate)."""
+def validation_accuracy(results: pd.DataFrame) -> pd.Series:
+    """Mean accuracy over seeds and datasets on the validation shift, per (label, learning_rate)."""
     validation = results[(results["shift"] == SELECTION_SHIFT) & (results.label != BASE_LABEL)]
-    scores = validation.groupby(["label", "learning_rate"]).acc.mean().reset_index()
-    best = scores.sort_values(["label", "acc", "learning_rate"], ascending=[True, False, True]).groupby("label").head(1)
-    return best.rename(columns={"acc": "validation_acc"})
+    return validation.groupby(["label", "learning_rate"]).acc.mean()
 
 
-def selection_notes(grid: Grid, results: pd.DataFrame, selected: pd.DataFrame) -> str:
+def select(scores: pd.Series) -> pd.DataFrame:
+    """Per method, the learning rate with the best validation accuracy (ties: the smaller rate)."""
+    best = scores.reset_index().sort_values(["label", "acc", "learning_rate"], ascending=[True, False, True])
+    return best.groupby("label").head(1).rename(columns={"acc": "validation_acc"})
+
+
+def selection_notes(grid: Grid, scores: pd.Series, selected: pd.DataFrame) -> str:
     datasets = ", ".join(load_shift_spec(grid.shifts)[SELECTION_SHIFT])
-    validation = results[(results["shift"] == SELECTION_SHIFT) & (results.label != BASE_LABEL)]
-    table = validation.groupby(["label", "learning_rate"]).acc.mean().unstack("learning_rate")
     lines = [
         "## Model selection",
         "",
         f"Learning rate per method chosen by mean accuracy over seeds on the `{SELECTION_SHIFT}` shift ({datasets}), "
         "which appears in no table above. Validation accuracy per learning rate:",
         "",
-        table.rename_axis("method").to_markdown(floatfmt=".3f"),
+        scores.unstack("learning_rate").rename_axis("method").to_markdown(floatfmt=".3f"),
         "",
         "Selected: " + ", ".join(f"{r.label} → lr {r.learning_rate:g}" for r in selected.itertuples()) + ".",
         "",
@@ -168,11 +170,12 @@ def report(grid: Grid) -> list[Path]:
     if missing:
         raise RuntimeError(f"sweep {grid.config!r}: {len(missing)} run(s) not finished, e.g. {missing[:3]}; run them first")
     results = load_results([base_result(grid), *(run.result for run in runs(grid))])
-    selected = select(grid, results)
+    scores = validation_accuracy(results)
+    selected = select(scores)
     keep = results.label.eq(BASE_LABEL) | results.set_index(["label", "learning_rate"]).index.isin(
         list(selected[["label", "learning_rate"]].itertuples(index=False, name=None))
     )
-    return write_report(results[keep], Path(grid.output_dir) / "report", notes=selection_notes(grid, results, selected))
+    return write_report(results[keep], Path(grid.output_dir) / "report", notes=selection_notes(grid, scores, selected))
 
 
 def main(argv=None) -> None:
