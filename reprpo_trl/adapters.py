@@ -20,10 +20,8 @@ PROMPT_LEARNING = ("prompt", "prefix")
 TARGET_LETTERS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "g": "gate_proj", "u": "up_proj", "d": "down_proj"}
 FEEDFORWARD = ("gate_proj", "up_proj", "down_proj")
 # trainer -> adapters it refuses, and why
-REFUSED = {
-    "projgrad": (PROMPT_LEARNING, "gradient projection acts on the output axis of adapted weights; prompt and prefix tuning have none"),
-    "projbp": (PROMPT_LEARNING, "gradient projection acts on the output axis of adapted weights; prompt and prefix tuning have none"),
-}
+_NO_OUTPUT_AXIS = "gradient projection acts on the output axis of adapted weights; prompt and prefix tuning have none"
+REFUSED = {"projgrad": (PROMPT_LEARNING, _NO_OUTPUT_AXIS), "projbp": (PROMPT_LEARNING, _NO_OUTPUT_AXIS)}
 
 
 @dataclass

@@ -30,13 +30,13 @@ def evaluate_icl_models(base: str, models: list[str], task: str, k: int = 4, n: 
     """One row per model (base first) of `evaluate_icl` on the test split of `task`."""
     examples, pool = load_icl_task(task, "test", n=n)
     tokenizer, base_model = load_base(base, dtype)
-    rows = []
+    rows, revision = [], code_revision()
     for model, provenance in each_model(base_model, models, labels, dtype=dtype):
         reference = model if isinstance(model, PeftModel) else base_model
         with torch.no_grad():
             metrics = evaluate_icl(model, tokenizer, examples, pool, k=k, seed=demo_seed, batch_size=batch_size, base=reference)
         rows.append({**provenance, "task": task, "base_model": base, "demo_seed": demo_seed, **metrics,
-                     "eval_git_revision": code_revision()})  # fmt: skip
+                     "eval_git_revision": revision})  # fmt: skip
     return pd.DataFrame(rows)
 
 

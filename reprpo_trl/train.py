@@ -71,14 +71,12 @@ class RunArguments:
     )
 
 
-def trainer_name(argv: list[str]) -> str:
+def trainer_name(argv: list[str], recipe: dict | None = None) -> str:
     """The trainer named by --trainer, else by the recipe's `trainer` key, else the default."""
     if "--trainer" in argv:
         name = argv[argv.index("--trainer") + 1]
-    elif "--config" in argv:
-        name = _recipe(argv).get("trainer", RunArguments.trainer)
     else:
-        name = RunArguments.trainer
+        name = (recipe or {}).get("trainer", RunArguments.trainer)
     if name not in TRAINERS:
         raise ValueError(f"trainer={name!r}: choose one of {sorted(TRAINERS)}")
     return name
@@ -102,7 +100,7 @@ def parse_args(argv: list[str] | None = None):
     section = recipe.get("adapter")
     if isinstance(section, dict):
         argv = argv[: argv.index("--config") + 2] + flatten_section(section) + argv[argv.index("--config") + 2 :]
-    config_class, _ = TRAINERS[trainer_name(argv)]
+    config_class, _ = TRAINERS[trainer_name(argv, recipe)]
     parser = TrlParser((RunArguments, config_class, ModelConfig, AdapterArguments))
     if isinstance(section, dict):  # the section is in the flags now; as a default it would not be a string
         parser.set_defaults(adapter=AdapterArguments.adapter)
