@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import SUITE_SHIFTS
-from .eval import evaluate_shifts, load_shifts
+from .eval import add_coherence_ratio, evaluate_shifts, load_shifts
 from .io import atomic_write_text
 from .train import build_trainer, parse_args
 
@@ -22,7 +22,8 @@ def compare(base: pd.DataFrame, trained: pd.DataFrame) -> pd.DataFrame:
     table = base[["shift", "dataset", "n", "acc"]].rename(columns={"acc": "acc_base"})
     table["acc_trained"] = trained["acc"].to_numpy()
     table["gain_pp"] = 100 * (table.acc_trained - table.acc_base)
-    table["nll_ratio"] = trained["nll_chosen"].to_numpy() / base["nll_chosen"].to_numpy()
+    both = pd.concat([base.assign(label="base"), trained.assign(label="trained")], ignore_index=True)
+    table["nll_ratio"] = add_coherence_ratio(both).query("label == 'trained'").nll_ratio.to_numpy()
     return table
 
 

@@ -64,7 +64,7 @@ def test_mean_and_sum_scores_can_disagree():
 
 
 def test_compare_table():
-    base = pd.DataFrame({"shift": ["a"], "dataset": ["d"], "n": [10], "acc": [0.5], "nll_chosen": [2.0]})
+    base = pd.DataFrame({"shift": ["a"], "dataset": ["d"], "fingerprint": ["f"], "n": [10], "acc": [0.5], "nll_chosen": [2.0]})
     trained = base.assign(acc=[0.7], nll_chosen=[3.0])
     row = compare(base, trained).iloc[0]
     assert row.gain_pp == pytest.approx(20.0) and row.nll_ratio == pytest.approx(1.5)
