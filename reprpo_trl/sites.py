@@ -17,6 +17,7 @@ import contextlib
 import re
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 POOLINGS = ("completion_mean", "all_mean", "last")
@@ -72,6 +73,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
+
+
+def as_base(model: nn.Module):
+    """Context in which `model` computes as its base model: a peft model's adapter disabled, any other as is."""
+    return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

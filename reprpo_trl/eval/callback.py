@@ -1,11 +1,9 @@
 """Generalisation curves during training: the shift evaluation every N steps, logged to the trainer's loggers."""
 
-import contextlib
-
 import torch
-from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
+from ..sites import as_base
 from .preference import evaluate_shifts, load_shifts
 
 
@@ -38,8 +36,7 @@ class ShiftEvalCallback(TrainerCallback):
         return table
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        base = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-        with base:
+        with as_base(model):
             self.base_nll = self._evaluate(model).set_index("fingerprint").nll_chosen
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -18,10 +18,10 @@ import contextlib
 import numpy as np
 import pandas as pd
 import torch
-from peft import PeftModel
 
 from ..icl.prompts import student_prompt, teacher_prompts
-from ..icl.targets import cut_answer, compute_targets, left_padded
+from ..icl.targets import compute_targets, cut_answer, left_padded
+from ..sites import as_base
 
 
 def expected_calibration_error(confidence, correct, bins: int = 15) -> float:
@@ -80,16 +80,12 @@ def summarize_predictions(rows: pd.DataFrame) -> dict:
     }  # fmt: skip
 
 
-def _base(model):
-    return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def activation_similarity(model, base, tokenizer, examples, pool, k: int, seed: int) -> list[float]:
     """Per layer: mean cosine between `base` with k demonstrations and `model` without, on the gold answer tokens.
     `base` may be `model` itself when it is a peft model (its adapter is disabled for the base pass)."""
     answers = list(examples["answer"])
-    with _base(base) if base is model else contextlib.nullcontext():
+    with as_base(base) if base is model else contextlib.nullcontext():
         teacher = compute_targets(base, tokenizer, teacher_prompts(examples, pool, k, seed), answers, label_type="ground_truth")
     student = compute_targets(model, tokenizer, [student_prompt(q) for q in examples["query"]], answers, label_type="ground_truth")
     cos = torch.nn.functional.cosine_similarity(student.acts.float(), teacher.acts.float(), dim=-1)  # (P, L)

@@ -11,7 +11,6 @@ number of target tokens (over the accumulated batch, as TRL counts them):
     a2t / t2a: start from a trained act / tok adapter (init_adapter) and train with tok / act, fresh optimizer.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +22,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from ..icl.prompts import student_prompt, teacher_prompts
 from ..icl.targets import LABEL_TYPES, cached_targets
 from ..models import cache_dir
-from ..sites import StateCollector, attention_sites, unwrap
+from ..sites import StateCollector, as_base, attention_sites, unwrap
 from .backends import require_config
 
 IA2_METHODS = ("act", "tok", "tokl", "tna", "a2t", "t2a")
@@ -93,8 +92,7 @@ class IA2Trainer(SFTTrainer):
         placed = args.deepspeed or args.fsdp or getattr(model, "hf_device_map", None) or getattr(model, "is_quantized", False)
         if not placed:
             model.to(args.device)  # the teacher pass runs where training will (the Trainer would move it next anyway)
-        base = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-        with args.main_process_first(desc="IA2 targets"), base:
+        with args.main_process_first(desc="IA2 targets"), as_base(model):
             self.targets, self.targets_path, computed = cached_targets(
                 model, tokenizer, prompts, list(train_dataset["answer"]), args.target_cache_dir or cache_dir(),
                 label_type=args.label_type, max_new_tokens=args.max_new_tokens, distributions=args.loss == "tokl",
