@@ -316,3 +316,20 @@ def test_gradient_accumulation_matches_one_large_batch(method, tmp_path, tokeniz
         runs[batch] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     for name, value in runs[4].items():
         torch.testing.assert_close(runs[2][name], value, atol=1e-6, rtol=1e-4)
+
+
+def test_act_matches_float64_reference(tmp_path, tokenizer, task):
+    trainer = ia2_trainer(tmp_path, tokenizer, task, ia2_method="act")
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+        seen = {}
+        sites = attention_sites(trainer.model)
+        handles = [m[0].register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out[0])) for n, m in sites.items()]
+        trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for h in handles:
+            h.remove()
+    rows, positions = answer_positions(batch["labels"])
+    teacher = trainer.targets.acts[trainer.targets.rows(batch["ia2_index"])].double()  # (P, L, d)
+    expected = sum(((seen[f"layer_{l}"][rows, positions].double() - teacher[:, l]) ** 2).mean() for l in range(len(sites)))
+    assert loss == pytest.approx(expected.item(), rel=1e-4)  # sum over layers of the mean over (t, d)
