@@ -11,15 +11,14 @@ every setting that changes a target, written atomically; a second run loads the 
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from trl.trainer.utils import hash_module
 
+from ..cache import load_tensors, save_tensors
 from ..sites import StateCollector, attention_sites
 
 LABEL_TYPES = ("icl_outputs", "ground_truth")
@@ -107,11 +106,8 @@ def compute_targets(model, tokenizer, prompts: list[str], answers: list[str], la
 
 
 def model_fingerprint(model) -> str:
-    """Name, config and a checksum of the first and last weights: tells two models of one config apart."""
-    params = list(model.parameters())
-    digest = hashlib.sha256(model.config.to_json_string().encode())
-    for p in (params[0], params[-1]):
-        digest.update(p.detach().float().cpu().numpy().tobytes())
+    """Name, config and a checksum of every weight (TRL's hash_module): tells any two models apart."""
+    digest = hashlib.sha256(model.config.to_json_string().encode() + hash_module(model).encode())
     return f"{getattr(model.config, '_name_or_path', '')}:{digest.hexdigest()[:16]}"
 
 
@@ -122,25 +118,13 @@ def targets_key(model, prompts: list[str], answers: list[str], **settings) -> st
     return digest.hexdigest()[:24]
 
 
-def save_targets(targets: Targets, path: Path) -> None:
-    tensors = {k: v.contiguous() for k, v in vars(targets).items() if v is not None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file(tensors, str(partial))
-    os.replace(partial, path)
-
-
-def load_targets(path: Path) -> Targets:
-    with safe_open(str(path), framework="pt") as f:
-        return Targets(**{k: f.get_tensor(k) for k in f.keys()})
-
-
 def cached_targets(model, tokenizer, prompts, answers, cache_dir, **settings) -> tuple[Targets, Path, bool]:
-    """(targets, cache file, whether it was computed now): the cache file's targets if it exists, else computed
-    with `compute_targets(**settings)` and saved."""
+    """(targets, cache file, whether it was computed now): the cache file's targets if it checks out
+    (reprpo_trl.cache), else computed with `compute_targets(**settings)` and saved with a checksum."""
     path = Path(cache_dir) / "ia2_targets" / f"{targets_key(model, prompts, answers, **settings)}.safetensors"
-    if path.exists():
-        return load_targets(path), path, False
+    cached = load_tensors(path)
+    if cached is not None:
+        return Targets(**cached), path, False
     targets = compute_targets(model, tokenizer, prompts, answers, **settings)
-    save_targets(targets, path)
+    save_tensors(path, {k: v for k, v in vars(targets).items() if v is not None})
     return targets, path, True
