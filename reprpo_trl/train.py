@@ -4,7 +4,7 @@
     accelerate launch --config_file accelerate_configs/ddp.yaml -m reprpo_trl.train --config recipes/...
 
 The recipe's `trainer` key picks the trainer and so the config class whose fields it may set:
-`dpo` (TRL's own DPOTrainer, the baseline), `reprpo`, `projgrad`, `projbp`. Model keys are TRL's ModelConfig
+`dpo` (TRL's own DPOTrainer with the run guard, the baseline), `reprpo`, `projgrad`, `projbp`. Model keys are TRL's ModelConfig
 (model_name_or_path, dtype, ...); the `adapter:` section is `AdapterArguments` (reprpo_trl.adapters); data keys
 are `RunArguments` below.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
+from trl import ModelConfig, TrlParser
 
 from .adapters import AdapterArguments, build_peft_config, check_combination, flatten_section
 from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
@@ -24,6 +24,8 @@ from .models import resolve_model
 from .provenance import write_run_record
 from .icl import load_icl_task
 from .trainers import (
+    DPOConfig,
+    DPOTrainer,
     IA2Config,
     IA2Trainer,
     ProjBPConfig,
@@ -173,7 +175,7 @@ def run(argv: list[str] | None = None):
     """Parse, train, save the model (the adapter, for peft) and the run record to output_dir; return the trainer."""
     run_args, train_args, model_args, adapter_args = parse_args(argv)
     trainer = build_trainer(run_args, train_args, model_args, adapter_args)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)  # a path, or auto / true (checkpoints.py)
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
         write_run_record(train_args.output_dir, run_args, train_args, model_args, adapter_args.adapter, _recipe_path(argv))

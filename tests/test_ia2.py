@@ -106,7 +106,7 @@ def test_tna_interpolates_act_and_tok(tmp_path, tokenizer, task):
         for w in (0.0, 1.0, 0.3):
             trainer.args.tna_weight = w
             values[w] = trainer.compute_loss(trainer.model, dict(batch)).item()
-    act, tok = trainer._metrics["train"]["ia2/act"][-1], trainer._metrics["train"]["ia2/tok"][-1]
+    act, tok = trainer.step_terms["ia2/act"][-1].item(), trainer.step_terms["ia2/tok"][-1].item()
     assert values[0.0] == pytest.approx(act, rel=1e-5) and values[1.0] == pytest.approx(tok, rel=1e-5)
     assert values[0.3] == pytest.approx(0.7 * act + 0.3 * tok, rel=1e-5)
 
@@ -333,3 +333,21 @@ def test_act_matches_float64_reference(tmp_path, tokenizer, task):
     teacher = trainer.targets.acts[trainer.targets.rows(batch["ia2_index"])].double()  # (P, L, d)
     expected = sum(((seen[f"layer_{l}"][rows, positions].double() - teacher[:, l]) ** 2).mean() for l in range(len(sites)))
     assert loss == pytest.approx(expected.item(), rel=1e-4)  # sum over layers of the mean over (t, d)
+
+
+def test_logged_terms_do_not_depend_on_gradient_accumulation(tmp_path, tokenizer, task):
+    """ia2/act and ia2/tok are the step's true per-token means (SPEC clarification), whatever the split into
+    micro-batches, and (1 - w) act + w tok is the logged loss."""
+    logged = {}
+    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        trainer = ia2_trainer(tmp_path / f"{batch}", tokenizer, task, ia2_method="tna", tna_weight=0.3, max_steps=1,
+                              per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                              target_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        trainer.train_dataset = trainer.train_dataset.select(range(4))  # the one step sees the same 4 examples
+        trainer.train()
+        logged[batch] = trainer.state.log_history[0]
+    for batch in (2, 1):
+        for term in ("ia2/act", "ia2/tok", "loss"):
+            assert logged[batch][term] == pytest.approx(logged[4][term], rel=1e-4), (batch, term)
+    for row in logged.values():
+        assert row["loss"] == pytest.approx(0.7 * row["ia2/act"] + 0.3 * row["ia2/tok"], rel=1e-4)

@@ -1,8 +1,9 @@
 """One file per trainer and its config."""
 
+from .dpo import DPOConfig, DPOTrainer
 from .ia2 import IA2Config, IA2Trainer
 from .projbp import ProjBPConfig, ProjBPTrainer
 from .projgrad import ProjGradConfig, ProjGradTrainer
 from .reprpo import ReprPOConfig, ReprPOTrainer
 
-__all__ = ["IA2Config", "IA2Trainer", "ProjBPConfig", "ProjBPTrainer", "ProjGradConfig", "ProjGradTrainer", "ReprPOConfig", "ReprPOTrainer"]
+__all__ = ["DPOConfig", "DPOTrainer", "IA2Config", "IA2Trainer", "ProjBPConfig", "ProjBPTrainer", "ProjGradConfig", "ProjGradTrainer", "ReprPOConfig", "ReprPOTrainer"]

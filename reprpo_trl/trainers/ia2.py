@@ -24,6 +24,7 @@ from ..icl.targets import LABEL_TYPES, cached_targets
 from ..models import cache_dir
 from ..sites import StateCollector, as_base, attention_sites, unwrap
 from .backends import require_config
+from .guard import GuardedTrainer, check_nonfinite_policy, nonfinite_field
 
 IA2_METHODS = ("act", "tok", "tokl", "tna", "a2t", "t2a")
 LOSS_OF_METHOD = {"act": "act", "tok": "tok", "tokl": "tokl", "tna": "tna", "a2t": "tok", "t2a": "act"}
@@ -43,6 +44,7 @@ class IA2Config(SFTConfig):
     init_adapter: str | None = field(default=None, metadata={"help": "Adapter directory to start from (a2t, t2a)."})
     target_cache_dir: str | None = field(default=None, metadata={"help": "Target cache root (default $REPRPO_CACHE)."})
     target_batch_size: int = field(default=8, metadata={"help": "Batch size of the one-time teacher pass."})
+    on_nonfinite: str = nonfinite_field()
 
     def __post_init__(self):
         if self.ia2_method not in IA2_METHODS:
@@ -51,6 +53,7 @@ class IA2Config(SFTConfig):
             raise ValueError(f"label_type={self.label_type!r}: choose one of {LABEL_TYPES}")
         if not 0.0 <= self.tna_weight <= 1.0:
             raise ValueError(f"tna_weight={self.tna_weight} must lie in [0, 1]")
+        check_nonfinite_policy(self.on_nonfinite)
         if self.ia2_method in ("a2t", "t2a") and not self.init_adapter:
             raise ValueError(f"ia2_method={self.ia2_method!r} continues a trained adapter: set init_adapter to its directory")
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}  # IA2 builds its own rows
@@ -78,7 +81,7 @@ class IA2Collator(DataCollatorForLanguageModeling):
         return batch
 
 
-class IA2Trainer(SFTTrainer):
+class IA2Trainer(GuardedTrainer, SFTTrainer):
     """SFTTrainer on (query, answer) rows plus a demonstration pool; see the module docstring."""
 
     def __init__(self, model, args: IA2Config, train_dataset: Dataset, demo_pool: Dataset, processing_class, peft_config=None, **kwargs):
@@ -137,7 +140,6 @@ class IA2Trainer(SFTTrainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
         index = inputs.pop("ia2_index")
         labels = inputs["labels"]
         rows, positions = answer_positions(labels)
@@ -156,8 +158,8 @@ class IA2Trainer(SFTTrainer):
             losses["tokl"] = self._per_token(self._kl_sum(model, states["final"][0], flat), len(rows), num_items_in_batch)
         w = self.args.tna_weight
         loss = (1 - w) * losses["act"] + w * tok if self.args.loss == "tna" else losses[self.args.loss]
-        for name, value in losses.items():
-            self._metrics[mode][f"ia2/{name}"].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+        for name, value in losses.items():  # per-token terms; with num_items_in_batch each is its share of the step
+            self.record(f"ia2/{name}", value, reduce="mean" if num_items_in_batch is None else "sum")
         return loss
 
     def _kl_sum(self, model, hidden: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

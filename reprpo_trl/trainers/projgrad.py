@@ -14,11 +14,11 @@ edits activation gradients inside backward, runs there.
 from dataclasses import dataclass, field
 
 import torch
-from trl import DPOConfig, DPOTrainer
 
 from ..projection import adapted_modules, output_axis_parameters, project_output_axis, unit
 from ..sites import POOLINGS, StateCollector, unwrap
 from .backends import refuse_sharded_backends, require_config
+from .dpo import DPOConfig, DPOTrainer
 
 DIRECTION_SOURCES = ("reference", "policy")
 
@@ -122,14 +122,8 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
                 self.direction_sums[name] = self.direction_sums.get(name, 0) + vectors.sum(0)
         return output
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
-            self.project_gradients()
-        return loss
-
     @torch.no_grad()
-    def project_gradients(self):
+    def edit_gradients(self):
         """Turns the accumulated direction sums into unit directions and edits the gradients in place."""
         self.directions = {
             name: unit(self.accelerator.reduce(total, "sum")) for name, total in sorted(self.direction_sums.items())
@@ -144,10 +138,8 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
                 along = direction.to(grad.dtype) @ grad.reshape(grad.shape[0], -1)  # |G_par| = |u^T G| for unit u
                 kept.append(along.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
                 parameter.grad = project_output_axis(grad, direction, self.args.proj_beta, self.args.renorm)
-        fraction = torch.stack(kept).mean() if kept else torch.tensor(float("nan"), device=self.accelerator.device)
-        self._metrics["train"]["projgrad/parallel_fraction"].append(
-            self.accelerator.gather_for_metrics(fraction.reshape(1)).nanmean().item()
-        )
+        if kept:
+            self.record("projgrad/parallel_fraction", torch.stack(kept).mean())
 
     def create_optimizer(self, model=None):
         first_call = self.optimizer is None

@@ -8,25 +8,27 @@ policy forward first and then the reference (adapter disabled, or the explicit `
 reference log-probs, so training runs no reference forward at all.
 """
 
-import os
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, concatenate_datasets
-from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers.trainer_utils import get_last_checkpoint
-from trl import DPOConfig, DPOTrainer
 
+from ..cache import load_tensors, save_tensors
 from ..losses import HIDDEN_LOSSES, preference_geometry
+from ..models import cache_dir
 from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, unwrap
 from ..transforms import ORTHO_MAPS, ORTHOGONAL, TRANSFORMS, SiteTransforms
 from .backends import refuse_sharded_backends, require_config
+from .dpo import DPOConfig, DPOTrainer
 
 REF_STATES = "ref_states"  # dataset column / batch key: (2, sum of raw site widths) pooled reference states per pair
+TRANSFORMS_MODULE = "reprpo_transforms"  # the SiteTransforms' name inside the model, so the engine owns them
 INVARIANT_LOSSES = ("mse", "innerdpo", "prefvec")  # built from inner products and norms only
 
 
@@ -111,6 +113,19 @@ class ReprPOConfig(DPOConfig):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.alpha == 0 and self.dpo_weight == 0:
             raise ValueError("alpha and dpo_weight are both 0: nothing would be trained; set one of them > 0")
+        if self.alpha == 0 and self.trains_transform:
+            raise ValueError(
+                f"alpha=0 with a trained transform={self.transform}: the transform would get no gradient; set alpha "
+                "> 0, freeze_transform=True or transform=none"
+            )
+        if self.trains_transform:  # used after the forward: DDP's unused-parameter search would count it unused
+            if self.ddp_find_unused_parameters:
+                raise ValueError(
+                    "ddp_find_unused_parameters=True with a trained transform: the transform runs after the model's "
+                    "forward, so DDP's search would mark its parameters unused and then see their gradients; leave "
+                    "ddp_find_unused_parameters unset (every trainable parameter gets a gradient each step)"
+                )
+            self.ddp_find_unused_parameters = False
         if self.beta_h <= 0:
             raise ValueError(f"beta_h={self.beta_h} must be > 0")
         if self.topk_k is not None and self.topk_k < 1:
@@ -194,13 +209,17 @@ class ReprPOTrainer(DPOTrainer):
         self.collector = self.sites.collector
         self.hidden_loss_kwargs = args.hidden_loss_kwargs()
         spec = {site: {"name": args.transform, "dim": dim, **args.transform_kwargs()} for site, dim in self.sites.dims.items()}
-        unembedding = unwrap(self.model).get_output_embeddings().weight
-        self.transforms = SiteTransforms(spec, unembedding).to(self.args.device)
+        base = unwrap(self.model)
+        self.transforms = SiteTransforms(spec, base.get_output_embeddings().weight).to(self.args.device)
         self.transforms.requires_grad_(args.trains_transform)
+        # A submodule of the model: zeroed, optimized, all-reduced and checkpointed with it; kept out of its weights
+        base.add_module(TRANSFORMS_MODULE, self.transforms)
+        ignored = {f"{TRANSFORMS_MODULE}.{key}" for key in self.transforms.state_dict()}
+        base._keys_to_ignore_on_save = set(base._keys_to_ignore_on_save or ()) | ignored
         if args.trains_transform:
             refuse_sharded_backends(
                 self,
-                f"training transform={args.transform} (an optimizer group outside the model)",
+                f"training transform={args.transform}",
                 "set freeze_transform=True, or launch single-process or DDP",
             )
         self.data_collator = _WithRefStates(self.data_collator)
@@ -211,34 +230,18 @@ class ReprPOTrainer(DPOTrainer):
             elif self.eval_dataset is not None:
                 self.eval_dataset = self.precompute_ref_states(self.eval_dataset, "eval")
 
-    def create_optimizer(self, model=None):
-        """TRL's optimizer, plus a group for the trainable transforms (trained jointly with the adapter)."""
-        first_call = self.optimizer is None
-        optimizer = super().create_optimizer(model)
-        if first_call and self.args.trains_transform:
-            optimizer.add_param_group({"params": list(self.transforms.parameters()), "weight_decay": 0.0})
-        return optimizer
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.trains_transform and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            for parameter in self.transforms.parameters():  # outside the DDP model: average their gradients here
-                if parameter.grad is not None:
-                    parameter.grad = self.accelerator.reduce(parameter.grad, "mean")
-        return loss
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """TRL's, less the transforms: they train with the adapter, without weight decay."""
+        return [name for name in super().get_decay_parameter_names(model) if TRANSFORMS_MODULE not in name]
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
         if self.args.transform != "none" and self.accelerator.is_main_process:
             self.transforms.save(output_dir or self.args.output_dir)
 
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        if resume_from_checkpoint and self.args.transform != "none":
-            checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
+    def load_extra_state(self, checkpoint):
+        if checkpoint and self.args.transform != "none":
             self.transforms.load_state_dict(SiteTransforms.load(checkpoint).state_dict())
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -250,35 +253,39 @@ class ReprPOTrainer(DPOTrainer):
         """Adds column `ref_states` (2, D): pooled reference states of chosen and rejected, raw sites concatenated.
 
         One reference forward per example, before training, through TRL's `compute_ref_log_probs` (so the
-        reference is exactly the one DPO uses). Every process computes the gathered column; a dataset with a cache
-        directory gets it cached there (keyed by data, model and sites), an in-memory one holds it in memory.
+        reference is exactly the one DPO uses). Cached in $REPRPO_CACHE/ref_states/ under a key of the tokenized
+        data, the reference weights, the sites and every setting that changes a state, with a checksum: a rerun
+        finds it wherever its output goes, and a damaged file is recomputed (reprpo_trl.cache).
         """
         if REF_STATES in dataset.column_names:
             return dataset
-        sites = (list(self.sites.raw_dims), self.collector.read, self.args.pooling)
-        # keyed by the files behind the data (dataset._fingerprint is random after a concatenation); file names can
-        # differ between processes, so all of them use the main process's key
-        data = [f["filename"] for f in dataset.cache_files] or dataset._fingerprint
-        key = Hasher.hash((data, len(dataset), self._precompute_model_hash, sites, REF_STATES))
-        fingerprint = broadcast_object_list([key])[0]
-        cache_file = dataset._get_cache_file_path(fingerprint) if dataset.cache_files else None
-        if cache_file is None or not os.path.exists(cache_file):
-            ref_states = self._reference_states(dataset, name)
-            if cache_file is None:
-                column = Dataset.from_dict({REF_STATES: ref_states.tolist()})
-                return concatenate_datasets([dataset, column], axis=1)
+        key = broadcast_object_list([self._ref_states_key(dataset)])[0]  # the main process's key for everyone
+        path = cache_dir() / "ref_states" / f"{key}.safetensors"
+        cached = load_tensors(path) if self.accelerator.is_main_process else None
+        if broadcast_object_list([cached is not None])[0]:
+            states = cached[REF_STATES] if cached is not None else load_tensors(path)[REF_STATES]
+        else:
+            states = self._reference_states(dataset, name)
             if self.accelerator.is_main_process:
-                dataset.map(
-                    lambda _, idx: {REF_STATES: ref_states[idx].tolist()},
-                    with_indices=True,
-                    batched=True,
-                    remove_columns=dataset.column_names,
-                    new_fingerprint=fingerprint,
-                    cache_file_name=cache_file,
-                    desc=f"Caching reference states for {name} dataset",
-                )
+                save_tensors(path, {REF_STATES: states})
             self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        if len(states) != len(dataset):
+            raise RuntimeError(f"reference states cache {path}: {len(states)} rows for {len(dataset)} examples")
+        return concatenate_datasets([dataset, Dataset.from_dict({REF_STATES: states.numpy()})], axis=1)
+
+    def _ref_states_key(self, dataset: Dataset) -> str:
+        """sha256 of what the pooled reference states depend on: tokens, reference weights, sites, settings."""
+        args = self.args
+        settings = {
+            "model": self._precompute_model_hash, "sites": self.sites.raw_dims, "collection": args.collection,
+            "side_io": args.side_io, "pooling": args.pooling, "max_length": args.max_length,
+            "truncation_mode": args.truncation_mode, "bf16": args.bf16, "fp16": args.fp16, "format": 1,
+        }  # fmt: skip
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in dataset.column_names]
+        for batch in dataset.select_columns(columns).iter(batch_size=1024):
+            digest.update(json.dumps([batch[c] for c in columns]).encode())
+        return digest.hexdigest()[:32]
 
     def _reference_states(self, dataset: Dataset, name: str) -> torch.Tensor:
         """(N, 2, D) pooled reference states of every example, gathered across processes in dataset order."""
@@ -299,7 +306,6 @@ class ReprPOTrainer(DPOTrainer):
         return torch.cat(rows)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         ref_states = inputs.pop(REF_STATES, None)
         if ref_states is None and self.args.precompute_ref_log_probs:
@@ -317,13 +323,13 @@ class ReprPOTrainer(DPOTrainer):
             reference = dict(zip(self.sites.raw_dims, ref_rows.split(list(self.sites.raw_dims.values()), dim=1)))
         else:
             reference = {site: values[1].detach() for site, values in states.items()}
-        hidden_loss = self.hidden_state_loss(self.sites.derive(policy), self.sites.derive(reference), mode)
+        hidden_loss = self.hidden_state_loss(self.sites.derive(policy), self.sites.derive(reference))
         loss = self.args.dpo_weight * dpo_loss + self.args.alpha * hidden_loss
-        self._log_metric(mode, "loss/dpo", dpo_loss)
-        self._log_metric(mode, "loss/hidden", hidden_loss)
+        self.record("loss/dpo", dpo_loss)
+        self.record("loss/hidden", hidden_loss)
         return (loss, output[1]) if return_outputs else loss
 
-    def hidden_state_loss(self, policy, reference, mode):
+    def hidden_state_loss(self, policy, reference):
         """mean over sites of mean_batch L_h on transformed states; logs each site's loss and the diagnostics.
 
         policy, reference: {site: (2B, d)} pooled states, rows [B chosen; B rejected]."""
@@ -336,12 +342,9 @@ class ReprPOTrainer(DPOTrainer):
             with torch.no_grad():
                 diag = {**preference_geometry(hc, hr, rc, rr), **diag}
             site_losses.append(per_example.mean())
-            self._log_metric(mode, f"hidden/{site}", site_losses[-1])
+            self.record(f"hidden/{site}", site_losses[-1])
             for name, value in diag.items():
                 diagnostics.setdefault(name, []).append(value.mean())
         for name, values in diagnostics.items():
-            self._log_metric(mode, f"hidden/{name}", torch.stack(values).mean())
+            self.record(f"hidden/{name}", torch.stack(values).mean())
         return torch.stack(site_losses).mean()
-
-    def _log_metric(self, mode, name, value):
-        self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
