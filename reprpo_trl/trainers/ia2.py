@@ -21,7 +21,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..icl.prompts import student_prompt, teacher_prompts
 from ..icl.targets import LABEL_TYPES, cached_targets
-from ..models import cache_dir
+from ..models import cache_dir, check_directory
 from ..sites import StateCollector, as_base, attention_sites, unwrap
 from .backends import require_config
 
@@ -53,6 +53,8 @@ class IA2Config(SFTConfig):
             raise ValueError(f"tna_weight={self.tna_weight} must lie in [0, 1]")
         if self.ia2_method in ("a2t", "t2a") and not self.init_adapter:
             raise ValueError(f"ia2_method={self.ia2_method!r} continues a trained adapter: set init_adapter to its directory")
+        if self.init_adapter:
+            check_directory(self.init_adapter, "init_adapter")
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}  # IA2 builds its own rows
         self.remove_unused_columns = False  # keep ia2_index
         super().__post_init__()
