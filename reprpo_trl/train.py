@@ -122,7 +122,7 @@ class _Parser(TrlParser):
     """TrlParser whose errors (a value of the wrong type, an ambiguous flag) are InputErrors, not a usage dump."""
 
     def error(self, message):
-        raise InputError(message)
+        raise InputError(f"{message}; fix it in the recipe or on the command line")
 
 
 def _field_names(*classes) -> set[str]:
