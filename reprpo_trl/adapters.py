@@ -64,7 +64,8 @@ def check_targets(model: nn.Module, spec: str) -> None:
     missing = [t for t in target_modules(spec) if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise InputError(f"adapter_targets={spec!r}: {', '.join(missing)} {'matches' if len(missing) == 1 else 'match'} no module of the model; use letters "
+        verb = "matches" if len(missing) == 1 else "match"
+        raise InputError(f"adapter_targets={spec!r}: {', '.join(missing)} {verb} no module of the model; use letters "
                          f"of {''.join(TARGET_LETTERS)} or names of its linear modules: {', '.join(linear)}")  # fmt: skip
 
 

@@ -69,10 +69,11 @@ def read_yaml(path: str | os.PathLike, what: str) -> dict:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InputError(f"{what} {str(path)!r} is not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+        problem = getattr(error, "problem", None) or error
+        raise InputError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}") from None
     if data is not None and not isinstance(data, dict):
         raise InputError(
-            f"{what} {str(path)!r} is a YAML {type(data).__name__}; it must be a mapping of `key: value` lines"
+            f"{what} {str(path)!r} is a YAML {type(data).__name__}; it must be a mapping of key: value lines"
         )
     return data or {}
 

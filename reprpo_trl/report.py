@@ -201,7 +201,8 @@ def main(argv=None) -> None:
     parser.add_argument("--title", default="Preference accuracy across distribution shifts")
     args = parser.parse_args(argv)
     if "zs_acc" in read_results(args.results[0]):
-        paths = write_icl_report(pd.concat([read_results(p, "reprpo-icl-eval") for p in args.results], ignore_index=True), args.out)
+        tables = [read_results(p, "reprpo-icl-eval") for p in args.results]
+        paths = write_icl_report(pd.concat(tables, ignore_index=True), args.out)
     else:
         paths = write_report(load_results(args.results), args.out, args.title)
     for path in paths:

@@ -5,10 +5,11 @@
     reprpo-sweep --config recipes/sweeps/suite_methods.yaml --only dpo/lr0.0001/seed1
 
 Every run of the grid is parsed as reprpo-train would parse it before the first one trains, so an unknown
-trainer, key or value in any recipe fails at once. A run is finished when its eval.parquet exists (written atomically after training, which leaves its run
-record last), so re-running skips finished runs and resumes after any interruption. The learning rate of each
-method is chosen by mean accuracy over seeds on the spec's `validation` shift, which is never reported; the
-report then shows the selected runs only and says what was selected on which data.
+trainer, key or value in any recipe fails at once. A run is finished when its eval.parquet exists (written
+atomically after training, which leaves its run record last), so re-running skips finished runs and resumes after
+any interruption. The learning rate of each method is chosen by mean accuracy over seeds on the spec's
+`validation` shift, which is never reported; the report then shows the selected runs only and says what was
+selected on which data.
 
 Grid YAML keys: output_dir, methods (name -> training recipe), seeds, learning_rates, train_overrides (flags
 for every reprpo-train run), shifts (a shift spec with a `validation` shift), eval_samples, eval_batch_size,

@@ -113,11 +113,6 @@ def trainer_name(argv: list[str], recipe: dict | None = None) -> str:
     return name
 
 
-def _recipe(argv: list[str]) -> dict:
-    path = flag_value(argv, "--config")
-    return {} if path is None else read_yaml(path, "recipe")
-
-
 class _Parser(TrlParser):
     """TrlParser whose errors (a value of the wrong type, an ambiguous flag) are InputErrors, not a usage dump."""
 
@@ -125,16 +120,13 @@ class _Parser(TrlParser):
         raise InputError(f"{message}; fix it in the recipe or on the command line")
 
 
-def _field_names(*classes) -> set[str]:
-    return {f.name for c in classes for f in fields(c)}
-
-
 def _unknown(key: str, known: set[str], trainer: str, flag: bool = False) -> str:
     """Why `key` is refused: it belongs to other trainers, or it is unknown (with the closest accepted keys)."""
     name = f"--{key}" if flag else key
-    owners = [t for t, (config, _) in TRAINERS.items() if key in _field_names(config)]
+    owners = [t for t, (config, _) in TRAINERS.items() if key in {f.name for f in fields(config)}]
     if owners:
-        return f"{name} is a field of trainer(s) {', '.join(owners)}; this {'run' if flag else 'recipe'} uses trainer {trainer}"
+        source = "run" if flag else "recipe"
+        return f"{name} is a field of trainer(s) {', '.join(owners)}; this {source} uses trainer {trainer}"
     close = [f"--{c}" if flag else c for c in difflib.get_close_matches(key, known, n=3)]
     hint = f"did you mean {' or '.join(close)}?" if close else f"reprpo-train --trainer {trainer} --help lists them"
     return f"unknown {'flag' if flag else 'key'} {name}; {hint}"
@@ -158,14 +150,16 @@ def check_keys(parser: TrlParser, classes: tuple, recipe: dict, recipe_path: str
         if numbers.get(key) and isinstance(value, (list, dict)):
             raise InputError(f"{where}: {key}: {value!r} is a {type(value).__name__}, but {key} takes one "
                              f"{numbers[key]}; write one recipe per value to compare several")  # fmt: skip
+    if "-h" in argv or "--help" in argv:  # TrlParser prints the help, with the recipe's values as defaults
+        return
     if recipe_path is not None:
         i = argv.index("--config")
         argv = argv[:i] + argv[i + 2 :]
     for token in parser.parse_known_args(argv)[1]:
         if token.startswith("--"):
             raise InputError(_unknown(token[2:], known, trainer, flag=True))
-        hint = f"; did you mean --config {token}?" if token.endswith((".yaml", ".yml")) else "; flags take the form --key value"
-        raise InputError(f"unexpected argument {token!r}{hint}")
+        hint = f"did you mean --config {token}?" if token.endswith((".yaml", ".yml")) else "flags take the form --key value"
+        raise InputError(f"unexpected argument {token!r}; {hint}")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -174,7 +168,7 @@ def parse_args(argv: list[str] | None = None):
     the recipe or the flags is an InputError naming the key."""
     argv = split_flag_values(sys.argv[1:] if argv is None else argv)
     recipe_path = flag_value(argv, "--config")
-    recipe = _recipe(argv)
+    recipe = {} if recipe_path is None else read_yaml(recipe_path, "recipe")
     if recipe.get("use_peft") or "--use_peft" in argv:
         raise InputError("use_peft/lora_* are not used here: describe the adapter in the recipe's `adapter:` section "
                          "(type: lora, r: 16, ...) or with --adapter lora --adapter_r 16 ...")  # fmt: skip

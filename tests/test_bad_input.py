@@ -117,7 +117,8 @@ CASES = {  # id -> (command, argv, what the one-line message must say)
                         r"ICL dataset '\S*icl_row7.csv' row 7: field 'answer' is empty"),  # fmt: skip
     # paths
     "missing-model-dir": ("train", [*DPO, "--model_name_or_path", "./no/such/model"], r"model './no/such/model': no such directory"),
-    "missing-init-adapter": ("train", ["--trainer", "ia2", *TRAIN, "--ia2_method", "a2t", "--init_adapter", "{d}/nope"],
+    "missing-init-adapter": ("train", ["--trainer", "ia2", *TRAIN, "--ia2_method", "a2t", "--init_adapter", "{d}/nope",
+                                      "--train_dataset", "suite:arith", "--demo_pool_size", "4"],
                              r"init_adapter '\S*nope': no such directory"),  # fmt: skip
     "missing-recipe": ("train", ["--config", "{d}/nope.yaml", *TRAIN], r"recipe '\S*nope.yaml': no such file"),
     # recipes and flags
