@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from reprpo_trl import evaluate, evaluate_icl, report, sweep, train
+from reprpo_trl import demo, evaluate, evaluate_icl, report, sweep, train
 from reprpo_trl.data import load_preference_dataset
 from reprpo_trl.errors import InputError
 from reprpo_trl.icl import load_icl_task
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-MAINS = {"train": train.main, "eval": evaluate.main, "icl-eval": evaluate_icl.main, "report": report.main, "sweep": sweep.main}
+MAINS = {"train": train.main, "demo": demo.main, "eval": evaluate.main, "icl-eval": evaluate_icl.main,
+         "report": report.main, "sweep": sweep.main}
 
 
 def _pairs(n=10, **row7):
@@ -143,6 +144,8 @@ CASES = {  # id -> (command, argv, what the one-line message must say)
     "unknown-trainer": ("train", ["--trainer", "ppo", *TRAIN], r"trainer='ppo': choose one of \['dpo'"),
     "adapter-section-typo": ("train", ["--config", "{d}/adapter_typo.yaml", *TRAIN], r"adapter section: unknown key 'targtes'; did you mean 'targets'\?"),
     "recipe-without---config": ("train", [*DPO, "{d}/typo.yaml"], r"unexpected argument '\S*typo.yaml'; did you mean --config"),
+    "demo-eval-samples": ("demo", [*DPO, "--eval_samples=0"], r"--eval_samples 0: give a positive number of pairs per dataset"),
+    "demo-recipe-key": ("demo", ["--config", "{d}/typo.yaml", *TRAIN], r"typo.yaml': unknown key learnign_rate; did you mean"),
     # evaluation, reports, sweeps
     "eval-missing-model": ("eval", [*EVAL, "--models", "{d}/model", "{d}/nope"], r"model '\S*nope': no such directory"),
     "eval-not-a-model-dir": ("eval", [*EVAL, "--models", "{d}/not_a_model"], r"not_a_model' holds neither adapter_config.json"),
