@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from .data import SUITE_SHIFTS
+from .errors import InputError, command
 from .eval import add_coherence_ratio, evaluate_shifts, load_shifts
-from .io import atomic_write_text
-from .train import build_trainer, parse_args
+from .io import atomic_write_text, removed_on_error
+from .train import build_trainer, flag_value, parse_args, split_flag_values
 
 
 def compare(base: pd.DataFrame, trained: pd.DataFrame) -> pd.DataFrame:
@@ -29,14 +30,17 @@ def compare(base: pd.DataFrame, trained: pd.DataFrame) -> pd.DataFrame:
 
 def run(argv: list[str] | None = None) -> pd.DataFrame:
     """Train the recipe, evaluate base and trained on SUITE_SHIFTS; return the comparison table."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    eval_samples = 120
+    argv = split_flag_values(sys.argv[1:] if argv is None else argv)
+    eval_samples = flag_value(argv, "--eval_samples") or "120"
+    if not eval_samples.isdigit() or int(eval_samples) < 1:
+        raise InputError(f"--eval_samples {eval_samples}: give a positive number of pairs per dataset")
     if "--eval_samples" in argv:
         i = argv.index("--eval_samples")
-        eval_samples = int(argv[i + 1])
-        del argv[i : i + 2]
+        argv = argv[:i] + argv[i + 2 :]
+    eval_samples = int(eval_samples)
     run_args, train_args, model_args, adapter_args = parse_args(argv)
-    trainer = build_trainer(run_args, train_args, model_args, adapter_args)
+    with removed_on_error(train_args.output_dir):  # a refused recipe leaves no empty output_dir behind
+        trainer = build_trainer(run_args, train_args, model_args, adapter_args)
     model, tokenizer = trainer.model, trainer.processing_class
     batch = train_args.per_device_eval_batch_size
     data = load_shifts(SUITE_SHIFTS, n=eval_samples, seed=train_args.seed)
@@ -53,6 +57,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
     return table
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     run(argv)
 

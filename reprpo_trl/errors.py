@@ -1,8 +1,18 @@
-"""The two kinds of failure a user should read as one line rather than a traceback.
+"""The two kinds of failure a user should read as one line rather than a traceback, and the wrapper every command
+line entry point runs in.
 
     InputError  bad input (a recipe key, a dataset row, a path): names the file/row/field and what to do; exit 2
     RunError    a run that cannot go on (a non-finite loss or gradient norm); says the step and the term; exit 1
+
+`--debug` on the command line (removed before the arguments are parsed) or REPRPO_DEBUG=1 shows the full
+traceback instead. Any other exception is a bug and always shows its traceback.
 """
+
+import functools
+import os
+import sys
+
+DEBUG_FLAG, DEBUG_ENV = "--debug", "REPRPO_DEBUG"
 
 
 class InputError(ValueError):
@@ -11,3 +21,22 @@ class InputError(ValueError):
 
 class RunError(RuntimeError):
     """Training stopped for a reason the user must act on; the command line prints it as one line, exit 1."""
+
+
+def command(main):
+    """Wrap an entry point `main(argv)`: InputError -> `error: <message>` on stderr and exit 2, RunError -> the
+    same with exit 1; the traceback only with --debug or REPRPO_DEBUG=1."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        try:
+            return main([arg for arg in argv if arg != DEBUG_FLAG])
+        except (InputError, RunError) as error:
+            if debug:
+                raise
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+            raise SystemExit(2 if isinstance(error, InputError) else 1) from None
+
+    return wrapped

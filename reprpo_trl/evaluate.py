@@ -3,7 +3,8 @@
     reprpo-eval --base embedded/SmolLM2-135M-Instruct --models outputs/dpo outputs/reprpo_prefvec \
         --shifts recipes/shifts/suite.yaml --out results/eval
 
-Each of --models is a peft adapter directory (loaded onto --base) or a full model directory. Writes one row
+Each of --models is a peft adapter directory (loaded onto --base) or a full model directory; every one is checked
+before anything is loaded or evaluated. Writes one row
 per (model, shift, dataset) to <out>.parquet and <out>.csv, atomically, with provenance: label, method,
 recipe, seed and learning rate from the run record reprpo-train leaves, the code revisions of training and
 evaluation, and each dataset's fingerprint.
@@ -17,9 +18,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .errors import InputError, command
 from .eval import add_coherence_ratio, evaluate_shifts, load_shift_spec, load_shifts
 from .io import write_table
-from .models import resolve_model
+from .models import looks_like_path, resolve_model
 from .provenance import code_revision, read_run_record
 
 BASE_LABEL = "base"
@@ -37,11 +39,25 @@ def load_base(base: str, dtype: str = "float32"):
     return tokenizer, _load(base, dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def each_model(base_model, models: list[str], labels: list[str] | None = None, include_base: bool = True, dtype: str = "float32"):
-    """Yield (model, provenance) for the base model (label 'base') and then each of `models`: a peft adapter
-    directory is loaded onto `base_model` and taken out again before the next one; a full model is loaded."""
+def check_models(base: str, models: list[str], labels: list[str] | None = None) -> None:
+    """Refuse, before anything loads, a label count that does not match and a base or trained model that is no
+    model directory (a name that can only be a local path and does not exist, or a directory holding neither an
+    adapter nor a model); hub ids pass."""
     if labels is not None and len(labels) != len(models):
-        raise ValueError(f"got {len(labels)} labels for {len(models)} models; give one label per model or none")
+        raise InputError(f"got {len(labels)} labels for {len(models)} models; give one label per model or none")
+    for path in [base, *models]:
+        if Path(path).is_dir():
+            if not any((Path(path) / name).exists() for name in ("adapter_config.json", "config.json")):
+                raise InputError(f"model {path!r} holds neither adapter_config.json (a peft adapter) nor config.json "
+                                 "(a full model); give the output_dir of a finished reprpo-train run")  # fmt: skip
+        elif looks_like_path(path) or Path(path).exists():
+            raise InputError(f"model {path!r}: no such directory")
+
+
+def each_model(base_model, models: list[str], labels: list[str] | None = None, include_base: bool = True, dtype: str = "float32"):
+    """Yield (model, provenance) for the base model (label 'base') and then each of `models` (see check_models):
+    a peft adapter directory is loaded onto `base_model` and taken out again before the next one; a full model
+    is loaded."""
     device = next(base_model.parameters()).device
     if include_base:
         yield base_model, {"label": BASE_LABEL, "method": BASE_LABEL, "adapter": ""}
@@ -74,6 +90,7 @@ def evaluate_models(
     include_base: bool = True,
 ) -> pd.DataFrame:
     """Results of the base model (label 'base') and of each model in `models` on every dataset of `shifts`."""
+    check_models(base, list(models), labels)
     shifts = load_shift_spec(shifts) if isinstance(shifts, (str, Path)) else shifts
     data = load_shifts(shifts, n=n, seed=seed)
     tokenizer, base_model = load_base(base, dtype)
@@ -101,6 +118,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     args = parse_args(argv)
     results = evaluate_models(

@@ -17,7 +17,8 @@ import torch
 from peft import PeftModel
 
 from .eval.icl import evaluate_icl
-from .evaluate import each_model, load_base
+from .errors import command
+from .evaluate import check_models, each_model, load_base
 from .icl import load_icl_task
 from .io import write_table
 from .provenance import code_revision
@@ -28,6 +29,7 @@ TABLE_COLUMNS = ["label", "zs_acc", "icl_acc", "icl_minus_zs_acc", "zs_top1", "z
 def evaluate_icl_models(base: str, models: list[str], task: str, k: int = 4, n: int = 200, demo_seed: int = 0,
                         labels: list[str] | None = None, batch_size: int = 16, dtype: str = "float32") -> pd.DataFrame:  # fmt: skip
     """One row per model (base first) of `evaluate_icl` on the test split of `task`."""
+    check_models(base, models, labels)
     examples, pool = load_icl_task(task, "test", n=n)
     tokenizer, base_model = load_base(base, dtype)
     rows, revision = [], code_revision()
@@ -40,6 +42,7 @@ def evaluate_icl_models(base: str, models: list[str], task: str, k: int = 4, n: 
     return pd.DataFrame(rows)
 
 
+@command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="reprpo-icl-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="embedded/SmolLM2-135M-Instruct")

@@ -13,6 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .errors import InputError
 from .sites import decoder_layers, unwrap
 
 EPS = 1e-12
@@ -66,7 +67,7 @@ def adapted_modules(model: nn.Module, pattern: str | None = None) -> dict[str, n
     if pattern:
         candidates = {name: m for name, m in candidates.items() if re.search(pattern, name)}
     if not candidates:
-        raise ValueError(
+        raise InputError(
             f"no adapted module{'' if not pattern else f' matches proj_modules={pattern!r}'}: gradient projection "
             "needs modules with trainable weights (LoRA, IA3, HiRA or full fine-tuning); prompt and prefix tuning "
             "have none"

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from .errors import InputError, command  # noqa: E402
 from .eval import REPORTED_SHIFTS, add_coherence_ratio  # noqa: E402
 from .evaluate import BASE_LABEL  # noqa: E402
 from .io import atomic_write_bytes, atomic_write_text, read_table  # noqa: E402
@@ -41,6 +42,27 @@ ICL_METRICS = {  # reprpo-icl-eval results: one column per task
 }
 
 
+RESULT_COLUMNS = {  # the command that writes a results table -> the columns a report reads from it
+    "reprpo-eval": ["label", "shift", "dataset", "fingerprint", "acc", "nll_chosen"],
+    "reprpo-icl-eval": ["label", "task", "k", "n", *(column for column, *_ in ICL_METRICS.values())],
+}
+
+
+def read_results(path, kind: str | None = None) -> pd.DataFrame:
+    """A results table of reprpo-eval (or, when it has zs_acc, reprpo-icl-eval), checked for the columns a report
+    reads; `kind` demands one of the two."""
+    table = read_table(path)
+    found = "reprpo-icl-eval" if "zs_acc" in table else "reprpo-eval"
+    if kind is not None and found != kind:
+        raise InputError(f"results file {str(path)!r} holds {found} results, the first file {kind} results; report "
+                         "them separately")  # fmt: skip
+    missing = [column for column in RESULT_COLUMNS[found] if column not in table]
+    if missing:
+        raise InputError(f"results file {str(path)!r} is not a {found} results table: it lacks column(s) {missing}; "
+                         "give files written by reprpo-eval or reprpo-icl-eval")  # fmt: skip
+    return table
+
+
 def interval95(values) -> tuple[float, float, int]:
     """(mean, half-width of the 95% t-interval, n); the half-width is NaN for a single value."""
     values = np.asarray(values, dtype=float)
@@ -52,7 +74,7 @@ def interval95(values) -> tuple[float, float, int]:
 
 def load_results(paths) -> pd.DataFrame:
     """Concatenate result files, drop repeated base rows, and make sure nll_ratio is there."""
-    results = pd.concat([read_table(p) for p in paths], ignore_index=True)
+    results = pd.concat([read_results(p, "reprpo-eval") for p in paths], ignore_index=True)
     identity = [c for c in ("label", "adapter", "seed", "learning_rate", "shift", "dataset", "fingerprint") if c in results]
     results = results.drop_duplicates(identity, keep="last")  # the same run evaluated twice counts once
     return add_coherence_ratio(results.drop(columns="nll_ratio", errors="ignore"), BASE_LABEL)
@@ -171,15 +193,16 @@ def write_icl_report(results: pd.DataFrame, out_dir, title: str = "ICL accuracy 
     return [out_dir / "icl_report.md", out_dir / "icl_summary.csv", out_dir / "icl.png"]
 
 
+@command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="reprpo-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="reprpo-eval or reprpo-icl-eval result files (.parquet or .csv), with the base rows.")
     parser.add_argument("--out", required=True, help="Directory for report.md, summary.csv and shifts.png.")
     parser.add_argument("--title", default="Preference accuracy across distribution shifts")
     args = parser.parse_args(argv)
-    first = read_table(args.results[0])
-    if "zs_acc" in first:  # reprpo-icl-eval results
-        paths = write_icl_report(pd.concat([read_table(p) for p in args.results], ignore_index=True), args.out)
+    if "zs_acc" in read_results(args.results[0]):
+        tables = [read_results(p, "reprpo-icl-eval") for p in args.results]
+        paths = write_icl_report(pd.concat(tables, ignore_index=True), args.out)
     else:
         paths = write_report(load_results(args.results), args.out, args.title)
     for path in paths:

@@ -20,6 +20,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .errors import InputError
+
 POOLINGS = ("completion_mean", "all_mean", "last")
 COLLECTIONS = ("hs", "side", "suppressed")
 SIDE_DEFAULTS = {"input": "o_proj$,down_proj$", "output": "(q|k|v)_proj$,(gate|up)_proj$"}
@@ -32,12 +34,12 @@ def _layer_index(token: str, n_layers: int, spec: str) -> int:
     try:
         value = float(token)
     except ValueError:
-        raise ValueError(f"layer spec {spec!r}: {token!r} is not an int, a fraction or range(a, b[, step])") from None
+        raise InputError(f"layer spec {spec!r}: {token!r} is not an int, a fraction or range(a, b[, step])") from None
     if value.is_integer() and "." not in token:
         index = int(value)
         return index + n_layers if index < 0 else index
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"layer spec {spec!r}: fraction {token} must lie in [0, 1); use an int for a layer index")
+        raise InputError(f"layer spec {spec!r}: fraction {token} must lie in [0, 1); use an int for a layer index")
     return int(value * n_layers)
 
 
@@ -51,18 +53,18 @@ def parse_layer_spec(spec: str | int | float | list, n_layers: int) -> list[int]
     for match in _RANGE.finditer(spec):
         parts = match.group(1).split(",")
         if len(parts) not in (2, 3):
-            raise ValueError(f"layer spec {spec!r}: {match.group(0)} needs 2 or 3 arguments")
+            raise InputError(f"layer spec {spec!r}: {match.group(0)} needs 2 or 3 arguments")
         start, stop = (_layer_index(p, n_layers, spec) for p in parts[:2])
         step = int(parts[2]) if len(parts) == 3 else 1
         if step <= 0:
-            raise ValueError(f"layer spec {spec!r}: range step must be a positive int, got {parts[2].strip()}")
+            raise InputError(f"layer spec {spec!r}: range step must be a positive int, got {parts[2].strip()}")
         layers.extend(range(start, stop, step))
     layers.extend(_layer_index(t, n_layers, spec) for t in rest.split(",") if t.strip())
     if not layers:
-        raise ValueError(f"layer spec {spec!r} selects no layer")
+        raise InputError(f"layer spec {spec!r} selects no layer")
     bad = sorted({i for i in layers if not 0 <= i < n_layers})
     if bad:
-        raise ValueError(f"layer spec {spec!r} selects layers {bad}, but the model has {n_layers} (0..{n_layers - 1})")
+        raise InputError(f"layer spec {spec!r} selects layers {bad}, but the model has {n_layers} (0..{n_layers - 1})")
     return sorted(set(layers))
 
 
@@ -182,18 +184,30 @@ def attention_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
     return sites
 
 
+def side_patterns(spec: str) -> list[re.Pattern]:
+    """The comma-separated regexes of side_modules, compiled; an invalid one is refused by name."""
+    patterns = []
+    for text in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            patterns.append(re.compile(text))
+        except re.error as error:
+            raise InputError(f"side_modules: {text!r} is not a valid regular expression ({error}); escape special "
+                             "characters such as ( [ * with a backslash")  # fmt: skip
+    return patterns
+
+
 def side_sites(models: list[nn.Module], layers: list[int], patterns: str) -> dict[str, list[nn.Module]]:
     """Site "layer_i.<module name>" -> that module in each of `models`, for every module of each chosen layer
     whose name (relative to the layer, e.g. "self_attn.o_proj") matches one of the comma-separated regexes."""
     blocks = [decoder_layers(m) for m in models]
-    patterns = [re.compile(p.strip()) for p in patterns.split(",") if p.strip()]
+    patterns = side_patterns(patterns)
     sites = {}
     for i in layers:
         names = [name for name, _ in blocks[0][i].named_modules() if name]
         for regex in patterns:
             matched = [name for name in names if regex.search(name)]
             if not matched:
-                raise ValueError(
+                raise InputError(
                     f"side module regex {regex.pattern!r} matches no module of decoder layer {i}; its modules are: "
                     + ", ".join(names)
                 )
@@ -205,7 +219,7 @@ def side_sites(models: list[nn.Module], layers: list[int], patterns: str) -> dic
 def _width(module: nn.Module, read: str, site: str) -> int:
     attribute = "in_features" if read == "input" else "out_features"
     if not hasattr(module, attribute):
-        raise ValueError(f"side site {site}: {type(module).__name__} has no {attribute}; side sites must be linear layers")
+        raise InputError(f"side site {site}: {type(module).__name__} has no {attribute}; side sites must be linear layers")
     return getattr(module, attribute)
 
 
@@ -218,7 +232,7 @@ class Collection:
 
     def __init__(self, kind, models, layers, pooling="completion_mean", side_modules=None, side_io="input"):
         if kind not in COLLECTIONS:
-            raise ValueError(f"collection={kind!r}: choose one of {COLLECTIONS}")
+            raise InputError(f"collection={kind!r}: choose one of {COLLECTIONS}")
         self.kind = kind
         hidden = unwrap(models[0]).config.get_text_config().hidden_size
         n_layers = len(decoder_layers(models[0]))
@@ -231,7 +245,7 @@ class Collection:
         self.pairs = {}
         if kind == "suppressed":
             if layers[-1] + 1 >= n_layers:
-                raise ValueError(
+                raise InputError(
                     f"collection=suppressed reads layer l+1 after each chosen layer l, but layer {layers[-1]} is the "
                     f"last of {n_layers}; choose layers below {n_layers - 1}"
                 )

@@ -4,10 +4,12 @@
     reprpo-sweep --config recipes/sweeps/suite_methods.yaml --emit     # one command per missing run (slurm arrays)
     reprpo-sweep --config recipes/sweeps/suite_methods.yaml --only dpo/lr0.0001/seed1
 
-A run is finished when its eval.parquet exists (written atomically after training, which leaves its run
-record last), so re-running skips finished runs and resumes after any interruption. The learning rate of each
-method is chosen by mean accuracy over seeds on the spec's `validation` shift, which is never reported; the
-report then shows the selected runs only and says what was selected on which data.
+Every run of the grid is parsed as reprpo-train would parse it before the first one trains, so an unknown
+trainer, key or value in any recipe fails at once. A run is finished when its eval.parquet exists (written
+atomically after training, which leaves its run record last), so re-running skips finished runs and resumes after
+any interruption. The learning rate of each method is chosen by mean accuracy over seeds on the spec's
+`validation` shift, which is never reported; the report then shows the selected runs only and says what was
+selected on which data.
 
 Grid YAML keys: output_dir, methods (name -> training recipe), seeds, learning_rates, train_overrides (flags
 for every reprpo-train run), shifts (a shift spec with a `validation` shift), eval_samples, eval_batch_size,
@@ -15,18 +17,19 @@ eval_seed.
 """
 
 import argparse
+import difflib
 import gc
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from . import train
+from .errors import InputError, command
 from .eval import SELECTION_SHIFT, load_shift_spec
-from .evaluate import BASE_LABEL, evaluate_models
-from .io import write_table
+from .evaluate import BASE_LABEL, check_models, evaluate_models
+from .io import read_yaml, write_table
 from .provenance import RUN_RECORD
 from .report import load_results, write_report
 
@@ -64,21 +67,30 @@ class Run:
 
 def load_grid(path: str) -> Grid:
     """Read a grid YAML; errors name the file and the key."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(path, "sweep grid")
     known = set(Grid.__dataclass_fields__) - {"config"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"sweep grid {path!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InputError(f"sweep grid {path!r}: unknown key(s) {unknown}; {hint}known keys are {sorted(known)}")
     try:
         grid = Grid(**raw, config=str(path))
     except TypeError as error:
-        raise ValueError(f"sweep grid {path!r}: {error}") from None
+        raise InputError(f"sweep grid {path!r}: {error}") from None
+    for key, kind in (("methods", dict), ("seeds", list), ("learning_rates", list), ("train_overrides", dict)):
+        value = getattr(grid, key)
+        if not isinstance(value, kind) or (not value and key != "train_overrides"):
+            raise InputError(f"sweep grid {path!r}: {key} must be a non-empty YAML {'mapping' if kind is dict else 'list'}")
     for name, recipe in grid.methods.items():
-        if not Path(recipe).exists():
-            raise FileNotFoundError(f"sweep grid {path!r}: recipe {recipe!r} of method {name!r} does not exist")
+        if not Path(str(recipe)).is_file():
+            raise InputError(f"sweep grid {path!r}: recipe {recipe!r} of method {name!r}: no such file")
     if SELECTION_SHIFT not in load_shift_spec(grid.shifts):
-        raise ValueError(f"sweep grid {path!r}: shift spec {grid.shifts!r} needs a {SELECTION_SHIFT!r} shift for model selection")
-    grid.learning_rates = [float(lr) for lr in grid.learning_rates]
+        raise InputError(f"sweep grid {path!r}: shift spec {grid.shifts!r} needs a {SELECTION_SHIFT!r} shift for model selection")
+    try:
+        grid.learning_rates = [float(lr) for lr in grid.learning_rates]
+    except (TypeError, ValueError):
+        raise InputError(f"sweep grid {path!r}: learning_rates {grid.learning_rates} must all be numbers") from None
     return grid
 
 
@@ -94,11 +106,11 @@ def runs(grid: Grid) -> list[Run]:
 def base_model(grid: Grid) -> str:
     """The model every recipe starts from (they must agree), after train_overrides."""
     names = {
-        grid.train_overrides.get("model_name_or_path") or (yaml.safe_load(Path(recipe).read_text()) or {}).get("model_name_or_path")
+        grid.train_overrides.get("model_name_or_path") or read_yaml(recipe, "recipe").get("model_name_or_path")
         for recipe in grid.methods.values()
     }
     if len(names) != 1 or None in names:
-        raise ValueError(f"sweep grid {grid.config!r}: the recipes start from different or no base models {names}; compare methods on one base")
+        raise InputError(f"sweep grid {grid.config!r}: the recipes start from different or no base models {names}; compare methods on one base")
     return names.pop()
 
 
@@ -108,6 +120,16 @@ def train_argv(grid: Grid, run: Run) -> list[str]:
     for key, value in flags.items():
         argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
     return argv
+
+
+def validate(grid: Grid) -> None:
+    """Parse every run of the grid as reprpo-train will and check the base model, before anything trains."""
+    check_models(base_model(grid), [])
+    for run in runs(grid):
+        try:
+            train.parse_args(train_argv(grid, run))
+        except InputError as error:
+            raise InputError(f"sweep grid {grid.config!r}, method {run.method!r} ({run.recipe}): {error}") from error
 
 
 def _evaluate(grid: Grid, models: list[str], labels: list[str], include_base: bool) -> pd.DataFrame:
@@ -178,6 +200,7 @@ def report(grid: Grid) -> list[Path]:
     return write_report(results[keep], Path(grid.output_dir) / "report", notes=selection_notes(grid, scores, selected))
 
 
+@command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="reprpo-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="Sweep grid YAML (see recipes/sweeps/).")
@@ -185,6 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--emit", action="store_true", help="Print one command per unfinished run instead of running.")
     args = parser.parse_args(argv)
     grid = load_grid(args.config)
+    validate(grid)
     todo = [run for run in runs(grid) if not run.result.exists()]
     if args.emit:
         for run in todo:
@@ -193,7 +217,7 @@ def main(argv=None) -> None:
     if args.only:
         match = [run for run in runs(grid) if run.id == args.only]
         if not match:
-            raise ValueError(f"sweep {args.config!r} has no run {args.only!r}; ids look like {runs(grid)[0].id}")
+            raise InputError(f"sweep {args.config!r} has no run {args.only!r}; ids look like {runs(grid)[0].id}")
         run_one(grid, match[0])
         return
     for i, run in enumerate(todo):

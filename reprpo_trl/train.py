@@ -6,20 +6,26 @@
 The recipe's `trainer` key picks the trainer and so the config class whose fields it may set:
 `dpo` (TRL's own DPOTrainer with the run guard, the baseline), `reprpo`, `projgrad`, `projbp`. Model keys are TRL's ModelConfig
 (model_name_or_path, dtype, ...); the `adapter:` section is `AdapterArguments` (reprpo_trl.adapters); data keys
-are `RunArguments` below.
+are `RunArguments` below. `--key=value` means `--key value`. Bad input (an unknown or misspelled key, a value of
+the wrong kind, a missing file) is refused before anything is loaded or written, as one line naming the key
+(see reprpo_trl.errors; --debug shows the traceback).
 """
 
+import difflib
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
 from .adapters import AdapterArguments, build_peft_config, check_combination, flatten_section
 from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
+from .data.loading import local_format
+from .errors import InputError, command
 from .eval import load_shift_spec
 from .eval.callback import ShiftEvalCallback
+from .io import read_yaml, removed_on_error
 from .models import resolve_model
 from .provenance import write_run_record
 from .icl import load_icl_task
@@ -72,41 +78,117 @@ class RunArguments:
         metadata={"help": "Refuse to train when more than this fraction of pairs is longer than max_length."},
     )
 
+    def __post_init__(self):
+        for name, spec in (("max_train_samples", self.train_dataset), ("max_eval_samples", self.eval_dataset)):
+            n = getattr(self, name)
+            if n is not None and n < 1:
+                raise InputError(f"dataset {spec!r} is empty with {name}={n}: set it to at least 1, or leave it unset "
+                                 "to use every row")  # fmt: skip
+        for spec in (self.train_dataset, self.eval_dataset):
+            if spec is not None:
+                local_format(spec)  # a missing file or an unreadable suffix, before any model loads
+        if self.shift_eval:
+            load_shift_spec(self.shift_eval)
+
+
+def split_flag_values(argv: list[str]) -> list[str]:
+    """`--key=value` -> `--key value`, so that --config=x.yaml and --trainer=dpo mean what the spaced forms mean."""
+    return [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--") and "=" in arg else [arg])]
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value after `flag` in `argv` (either form), or None when the flag is absent."""
+    argv = split_flag_values(argv)
+    if flag not in argv:
+        return None
+    i = argv.index(flag) + 1
+    if i == len(argv) or argv[i].startswith("--"):
+        raise InputError(f"{flag} needs a value")
+    return argv[i]
+
 
 def trainer_name(argv: list[str], recipe: dict | None = None) -> str:
     """The trainer named by --trainer, else by the recipe's `trainer` key, else the default."""
-    if "--trainer" in argv:
-        name = argv[argv.index("--trainer") + 1]
-    else:
-        name = (recipe or {}).get("trainer", RunArguments.trainer)
-    if name not in TRAINERS:
-        raise ValueError(f"trainer={name!r}: choose one of {sorted(TRAINERS)}")
+    name = flag_value(argv, "--trainer") or (recipe or {}).get("trainer", RunArguments.trainer)
+    if not isinstance(name, str) or name not in TRAINERS:
+        raise InputError(f"trainer={name!r}: choose one of {sorted(TRAINERS)}")
     return name
 
 
-def _recipe(argv: list[str]) -> dict:
-    if "--config" not in argv:
-        return {}
-    with open(argv[argv.index("--config") + 1]) as f:
-        return yaml.safe_load(f) or {}
+class _Parser(TrlParser):
+    """TrlParser whose errors (a value of the wrong type, an ambiguous flag) are InputErrors, not a usage dump."""
+
+    def error(self, message):
+        raise InputError(f"{message}; fix it in the recipe or on the command line")
+
+
+def _unknown(key: str, known: set[str], trainer: str, flag: bool = False) -> str:
+    """Why `key` is refused: it belongs to other trainers, or it is unknown (with the closest accepted keys)."""
+    name = f"--{key}" if flag else key
+    owners = [t for t, (config, _) in TRAINERS.items() if key in {f.name for f in fields(config)}]
+    if owners:
+        source = "run" if flag else "recipe"
+        return f"{name} is a field of trainer(s) {', '.join(owners)}; this {source} uses trainer {trainer}"
+    close = [f"--{c}" if flag else c for c in difflib.get_close_matches(key, known, n=3)]
+    hint = f"did you mean {' or '.join(close)}?" if close else f"reprpo-train --trainer {trainer} --help lists them"
+    return f"unknown {'flag' if flag else 'key'} {name}; {hint}"
+
+
+def _number_type(field_type) -> str | None:
+    """'int', 'float' or 'bool' for a field of that type (or that type or None), else None."""
+    options = [t for t in typing.get_args(field_type) if t is not type(None)] or [field_type]
+    return options[0].__name__ if len(options) == 1 and options[0] in (int, float, bool) else None
+
+
+def check_keys(parser: TrlParser, classes: tuple, recipe: dict, recipe_path: str | None, argv: list[str], trainer: str):
+    """Refuse recipe keys and flags that no dataclass of this trainer takes, and lists or mappings where one number
+    belongs, before TrlParser would refuse them without saying which key was meant."""
+    known = {action.dest for action in parser._actions if action.dest != "help"}
+    numbers = {f.name: _number_type(f.type) for c in classes for f in fields(c)}
+    where = f"recipe {recipe_path!r}"
+    for key, value in recipe.items():
+        if key not in known and key != "env":
+            raise InputError(f"{where}: {_unknown(str(key), known, trainer)}")
+        if numbers.get(key) and isinstance(value, (list, dict)):
+            raise InputError(f"{where}: {key}: {value!r} is a {type(value).__name__}, but {key} takes one "
+                             f"{numbers[key]}; write one recipe per value to compare several")  # fmt: skip
+    if "-h" in argv or "--help" in argv:  # TrlParser prints the help, with the recipe's values as defaults
+        return
+    if recipe_path is not None:
+        i = argv.index("--config")
+        argv = argv[:i] + argv[i + 2 :]
+    for token in parser.parse_known_args(argv)[1]:
+        if token.startswith("--"):
+            raise InputError(_unknown(token[2:], known, trainer, flag=True))
+        hint = f"did you mean --config {token}?" if token.endswith((".yaml", ".yml")) else "flags take the form --key value"
+        raise InputError(f"unexpected argument {token!r}; {hint}")
 
 
 def parse_args(argv: list[str] | None = None):
     """(RunArguments, trainer config, ModelConfig, AdapterArguments); the recipe's `adapter:` section becomes
-    --adapter* flags placed before the command line's own, so command-line flags still win."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = _recipe(argv)
+    --adapter* flags placed before the command line's own, so command-line flags still win. Every error about
+    the recipe or the flags is an InputError naming the key."""
+    argv = split_flag_values(sys.argv[1:] if argv is None else argv)
+    recipe_path = flag_value(argv, "--config")
+    recipe = {} if recipe_path is None else read_yaml(recipe_path, "recipe")
     if recipe.get("use_peft") or "--use_peft" in argv:
-        raise ValueError("use_peft/lora_* are not used here: describe the adapter in the recipe's `adapter:` section "
+        raise InputError("use_peft/lora_* are not used here: describe the adapter in the recipe's `adapter:` section "
                          "(type: lora, r: 16, ...) or with --adapter lora --adapter_r 16 ...")  # fmt: skip
     section = recipe.get("adapter")
     if isinstance(section, dict):
         argv = argv[: argv.index("--config") + 2] + flatten_section(section) + argv[argv.index("--config") + 2 :]
-    config_class, _ = TRAINERS[trainer_name(argv, recipe)]
-    parser = TrlParser((RunArguments, config_class, ModelConfig, AdapterArguments))
+    trainer = trainer_name(argv, recipe)
+    classes = (RunArguments, TRAINERS[trainer][0], ModelConfig, AdapterArguments)
+    parser = _Parser(classes)
+    check_keys(parser, classes, recipe, recipe_path, argv, trainer)
     if isinstance(section, dict):  # the section is in the flags now; as a default it would not be a string
         parser.set_defaults(adapter=AdapterArguments.adapter)
-    run_args, train_args, model_args, adapter_args = parser.parse_args_and_config(argv)
+    try:
+        run_args, train_args, model_args, adapter_args = parser.parse_args_and_config(argv)
+    except InputError:
+        raise
+    except ValueError as error:  # a config's __post_init__ refusing a value: the user's input, named there
+        raise InputError(str(error)) from error
     check_combination(run_args.trainer, adapter_args.adapter, train_args.gradient_checkpointing)
     return run_args, train_args, model_args, adapter_args
 
@@ -144,7 +226,7 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
     if run_args.trainer == "ia2":
         examples, pool = load_icl_task(run_args.train_dataset, "train", n=run_args.max_train_samples,
                                        pool_size=run_args.demo_pool_size, seed=train_args.seed)  # fmt: skip
-        peft_config = None if train_args.init_adapter else build_peft_config(adapter_args)  # a2t/t2a: its own adapter
+        peft_config = None if train_args.init_adapter else build_peft_config(adapter_args, model)  # a2t/t2a: its own
         return trainer_class(model, args=train_args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer,
                              peft_config=peft_config)  # fmt: skip
     datasets = load_data(run_args, train_args, tokenizer)
@@ -154,7 +236,7 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("eval"),
         processing_class=tokenizer,
-        peft_config=build_peft_config(adapter_args),
+        peft_config=build_peft_config(adapter_args, model),
     )
     if run_args.shift_eval:
         trainer.add_callback(
@@ -167,8 +249,7 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
 
 
 def _recipe_path(argv: list[str] | None) -> str | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return argv[argv.index("--config") + 1] if "--config" in argv else None
+    return flag_value(sys.argv[1:] if argv is None else argv, "--config")
 
 
 def run(argv: list[str] | None = None):
@@ -182,8 +263,11 @@ def run(argv: list[str] | None = None):
     return trainer
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
-    run(argv)
+    """reprpo-train: `run`; a refused run leaves no output directory behind (the Trainer creates it when built)."""
+    with removed_on_error(parse_args(argv)[1].output_dir):
+        run(argv)
 
 
 if __name__ == "__main__":

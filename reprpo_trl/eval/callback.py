@@ -3,6 +3,7 @@
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..errors import InputError
 from ..sites import as_base
 from .preference import evaluate_shifts, load_shifts
 
@@ -19,7 +20,7 @@ class ShiftEvalCallback(TrainerCallback):
 
     def __init__(self, trainer, shifts: dict[str, list[str]], every: int, n: int = 32, batch_size: int = 16, seed: int = 0):
         if every < 1:
-            raise ValueError(f"ShiftEvalCallback: every={every} must be a positive number of steps")
+            raise InputError(f"ShiftEvalCallback: every={every} must be a positive number of steps")
         self.trainer, self.every, self.batch_size = trainer, every, batch_size
         self.data = load_shifts(shifts, n=n, seed=seed)
         self.base_nll = None

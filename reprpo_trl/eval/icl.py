@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import InputError
 from ..icl.prompts import student_prompt, teacher_prompts
 from ..icl.targets import compute_targets, cut_answer, left_padded
 from ..sites import as_base
@@ -61,7 +62,7 @@ def prediction_rows(model, tokenizer, prompts: list[str], examples, batch_size: 
             else:
                 label_ids = torch.tensor([_first_token(tokenizer, c) for c in row["choices"]], device=p.device)
                 if len(set(label_ids.tolist())) < len(label_ids):
-                    raise ValueError(f"labels {row['choices']} share a first token; label-set accuracy needs distinct ones")
+                    raise InputError(f"labels {row['choices']} share a first token; label-set accuracy needs distinct ones")
                 label_p = p[i, label_ids] / p[i, label_ids].sum()
                 correct, confidence = label_ids[label_p.argmax()].item() == gold, label_p.max().item()
             rows.append({

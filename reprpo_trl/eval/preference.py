@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ..data import load_preference_dataset, tokenize_pair
+from ..errors import InputError
 
 
 @torch.no_grad()
@@ -78,7 +79,7 @@ def add_coherence_ratio(results: pd.DataFrame, base_label: str = "base") -> pd.D
     base = results[results.label == base_label].drop_duplicates("fingerprint").set_index("fingerprint").nll_chosen
     missing = set(results.fingerprint) - set(base.index)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"no {base_label!r} rows for {len(missing)} dataset(s) in these results; evaluate the base model on the "
             "same datasets (same specs, n and seed) to get coherence ratios"
         )

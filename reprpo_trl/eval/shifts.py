@@ -12,7 +12,9 @@ A shift spec is a YAML mapping from shift to a list of dataset specs (see reprpo
 
 from pathlib import Path
 
-import yaml
+from ..data.loading import local_format
+from ..errors import InputError
+from ..io import read_yaml
 
 REPORTED_SHIFTS = ("train", "in_domain", "cross_domain", "difficulty", "unrelated")
 SELECTION_SHIFT = "validation"
@@ -21,17 +23,19 @@ SELECTION_SHIFT = "validation"
 def check_shift_spec(spec: dict, name: str) -> dict[str, list[str]]:
     """The spec with shifts in canonical order; errors name the spec and the offending key."""
     if not isinstance(spec, dict) or not spec:
-        raise ValueError(f"shift spec {name!r}: expected a mapping shift -> list of dataset specs")
+        raise InputError(f"shift spec {name!r}: expected a mapping shift -> list of dataset specs")
     allowed = (SELECTION_SHIFT, *REPORTED_SHIFTS)
     for shift, datasets in spec.items():
         if shift not in allowed:
-            raise ValueError(f"shift spec {name!r}: unknown shift {shift!r}; use {list(allowed)}")
+            raise InputError(f"shift spec {name!r}: unknown shift {shift!r}; use {list(allowed)}")
         if not isinstance(datasets, list) or not datasets or not all(isinstance(d, str) for d in datasets):
-            raise ValueError(f"shift spec {name!r}: shift {shift!r} must be a non-empty list of dataset specs")
+            raise InputError(f"shift spec {name!r}: shift {shift!r} must be a non-empty list of dataset specs")
+        for dataset in datasets:
+            local_format(dataset)  # a missing file or an unreadable suffix, before anything loads
     reported = {d for shift in REPORTED_SHIFTS for d in spec.get(shift, [])}
     leaked = sorted(reported & set(spec.get(SELECTION_SHIFT, [])))
     if leaked:
-        raise ValueError(
+        raise InputError(
             f"shift spec {name!r}: {leaked} is both a {SELECTION_SHIFT!r} dataset and a reported one; a split "
             "used to select models must never be reported"
         )
@@ -40,7 +44,4 @@ def check_shift_spec(spec: dict, name: str) -> dict[str, list[str]]:
 
 def load_shift_spec(path: str | Path) -> dict[str, list[str]]:
     """Read and check a shift spec YAML file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"shift spec {str(path)!r} does not exist")
-    return check_shift_spec(yaml.safe_load(path.read_text()), str(path))
+    return check_shift_spec(read_yaml(path, "shift spec"), str(path))

@@ -2,20 +2,22 @@
 
     suite:<task>                    the offline ICL suite (reprpo_trl.icl.suite): sentiment, topic, arith
     sst2 | agnews | gsm8k | sciq    the hub datasets of the original research (ICL_SOURCES), converted to rows
-    path/to/file.{parquet,json,jsonl,csv}   a local table with query and answer (and optionally choices) columns
+    path/to/file.{parquet,json,jsonl,csv}   a local table with query and answer (and optionally choices) columns;
+                                    query and answer are read as text even where they look like numbers
 
 The pool is the last `pool_size` rows of the training data and never overlaps the examples.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from datasets import Dataset, load_dataset
 
+from ..data.loading import local_format, read_file
+from ..errors import InputError
 from .suite import make_icl_task
 
-_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+ICL_FIELDS = ("query", "answer")
 AGNEWS_LABELS = ["world", "sports", "business", "science"]
 SST2_LABELS = ["negative", "positive"]
 
@@ -52,16 +54,16 @@ def _from_source(source: IclSource, split: str, hub_id: str | None) -> Dataset:
 
 
 def validate_icl(dataset: Dataset, name: str) -> None:
-    """Raise ValueError naming the dataset, row and field of the first malformed row."""
-    missing = [f for f in ("query", "answer") if f not in dataset.column_names]
+    """Raise InputError naming the dataset, row and field of the first malformed row."""
+    missing = [f for f in ICL_FIELDS if f not in dataset.column_names]
     if missing:
-        raise ValueError(f"ICL dataset {name!r} lacks column(s) {missing}; it has {dataset.column_names}")
+        raise InputError(f"ICL dataset {name!r} lacks column(s) {missing}; it has {dataset.column_names}")
     for i, row in enumerate(dataset):
-        for field in ("query", "answer"):
+        for field in ICL_FIELDS:
             if not isinstance(row[field], str) or not row[field].strip():
-                raise ValueError(f"ICL dataset {name!r} row {i}: field {field!r} is empty or not text")
+                raise InputError(f"ICL dataset {name!r} row {i}: field {field!r} is empty or not text")
         if row.get("choices") and row["answer"] not in row["choices"]:
-            raise ValueError(f"ICL dataset {name!r} row {i}: answer {row['answer']!r} is not one of choices {row['choices']}")
+            raise InputError(f"ICL dataset {name!r} row {i}: answer {row['answer']!r} is not one of choices {row['choices']}")
 
 
 def load_icl_task(spec: str, split: str = "train", n: int | None = None, pool_size: int = 64, seed: int = 0,
@@ -75,18 +77,19 @@ def load_icl_task(spec: str, split: str = "train", n: int | None = None, pool_si
     elif spec in ICL_SOURCES:
         train = _from_source(ICL_SOURCES[spec], "train", hub_id)
         test = _from_source(ICL_SOURCES[spec], "test", hub_id) if split == "test" else None
-    elif Path(spec).suffix in _FILE_FORMATS:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"ICL dataset file {spec!r} does not exist")
-        train, test = load_dataset(_FILE_FORMATS[Path(spec).suffix], data_files=spec, split="train"), None
+    elif local_format(spec) is not None:
+        train, test = read_file(spec, ICL_FIELDS), None
     else:
-        raise ValueError(f"ICL task spec {spec!r}: use suite:<task>, one of {sorted(ICL_SOURCES)}, or a local file")
+        raise InputError(f"ICL task spec {spec!r}: use suite:<task>, one of {sorted(ICL_SOURCES)}, or a local file")
     if len(train) <= pool_size and test is None:
-        raise ValueError(f"ICL task {spec!r} has {len(train)} training rows, not more than pool_size={pool_size}")
+        raise InputError(f"ICL task {spec!r} has {len(train)} training rows, not more than pool_size={pool_size}; "
+                         "give more rows or a smaller demo_pool_size")
     pool = train.select(range(len(train) - pool_size, len(train)))
     examples = test if test is not None else train.select(range(len(train) - pool_size))
     if n is not None:
         examples = examples.select(range(min(n, len(examples))))
+    if len(examples) == 0:
+        raise InputError(f"ICL dataset {spec!r} is empty" + (f" with n={n}" if n is not None else ""))
     validate_icl(examples, spec)
     validate_icl(pool, f"{spec} (demonstration pool)")
     return examples, pool

@@ -9,6 +9,8 @@ import random
 
 from datasets import Dataset
 
+from ..errors import InputError
+
 
 def student_prompt(query: str) -> str:
     return query
@@ -23,7 +25,7 @@ def teacher_prompt(query: str, demos: list[dict]) -> str:
 def teacher_prompts(examples: Dataset, pool: Dataset, k: int, seed: int) -> list[str]:
     """The teacher prompt of every example, with its k demonstrations."""
     if k > len(pool):
-        raise ValueError(f"num_demos={k} is more than the {len(pool)} rows of the demonstration pool")
+        raise InputError(f"num_demos={k} is more than the {len(pool)} rows of the demonstration pool")
     rows = pool.to_list()
     return [
         teacher_prompt(query, [rows[j] for j in random.Random(f"{seed}-{i}").sample(range(len(rows)), k)])

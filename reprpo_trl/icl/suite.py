@@ -12,6 +12,8 @@ import random
 
 from datasets import Dataset
 
+from ..errors import InputError
+
 _GOOD = ["wonderful", "delicious", "excellent", "delightful", "superb", "lovely", "fantastic", "great", "charming", "brilliant"]
 _BAD = ["awful", "terrible", "bland", "disappointing", "dreadful", "horrible", "poor", "boring", "rude", "broken"]
 _THINGS = ["soup", "film", "hotel room", "concert", "service", "book", "coffee", "pizza", "show", "phone", "museum", "train ride"]
@@ -60,9 +62,9 @@ ICL_TASKS = {  # name -> (generator, label words or None for free text)
 def make_icl_task(name: str, split: str = "train", n: int = 300, seed: int = 0, test_fraction: float = 0.3) -> Dataset:
     """`n` unique rows {query, answer, choices} of task `name` from `split` ("train" or "test")."""
     if name not in ICL_TASKS:
-        raise ValueError(f"unknown ICL suite task {name!r}: choose one of {sorted(ICL_TASKS)}")
+        raise InputError(f"unknown ICL suite task {name!r}: choose one of {sorted(ICL_TASKS)}")
     if split not in ("train", "test"):
-        raise ValueError(f"ICL suite split {split!r}: choose 'train' or 'test'")
+        raise InputError(f"ICL suite split {split!r}: choose 'train' or 'test'")
     generate, choices = ICL_TASKS[name]
     rng = random.Random(f"icl-{name}-{seed}")
     rows, seen = [], set()
@@ -75,4 +77,4 @@ def make_icl_task(name: str, split: str = "train", n: int = 300, seed: int = 0, 
         rows.append({"query": query, "answer": answer, "choices": choices or []})
         if len(rows) == n:
             return Dataset.from_list(rows)
-    raise ValueError(f"ICL suite task {name!r} split {split!r} has fewer than {n} unique rows; ask for fewer")
+    raise InputError(f"ICL suite task {name!r} split {split!r} has fewer than {n} unique rows; ask for fewer")

@@ -1,5 +1,7 @@
 """Start-up checks shared by the trainers: the right config class, and no backend that would ignore an edit."""
 
+from ..errors import InputError
+
 
 def require_config(trainer_name: str, args, config_class) -> None:
     """Raise TypeError unless `args` is a `config_class` (the trainer's own fields would be missing)."""
@@ -12,4 +14,4 @@ def refuse_sharded_backends(trainer, what: str, advice: str) -> None:
     gradients edited (or parameters trained) beside them by the Trainer are never seen: raise instead."""
     backend = "DeepSpeed" if trainer.is_deepspeed_enabled else "FSDP" if trainer.is_fsdp_enabled else None
     if backend:
-        raise ValueError(f"{what} cannot run under {backend}, which owns the gradients and the optimizer step: {advice}")
+        raise InputError(f"{what} cannot run under {backend}, which owns the gradients and the optimizer step: {advice}")

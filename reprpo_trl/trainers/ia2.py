@@ -19,9 +19,10 @@ from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from ..errors import InputError
 from ..icl.prompts import student_prompt, teacher_prompts
 from ..icl.targets import LABEL_TYPES, cached_targets
-from ..models import cache_dir
+from ..models import cache_dir, check_directory
 from ..sites import StateCollector, as_base, attention_sites, unwrap
 from .backends import require_config
 from .guard import GuardedTrainer, check_nonfinite_policy, nonfinite_field
@@ -86,6 +87,8 @@ class IA2Trainer(GuardedTrainer, SFTTrainer):
 
     def __init__(self, model, args: IA2Config, train_dataset: Dataset, demo_pool: Dataset, processing_class, peft_config=None, **kwargs):
         require_config("IA2Trainer", args, IA2Config)
+        if args.init_adapter:
+            check_directory(args.init_adapter, "init_adapter")  # here, not at parse time: a sweep may train it first
         if kwargs.get("eval_dataset") is not None:
             raise ValueError("IA2Trainer takes no eval_dataset: evaluate with reprpo_trl.eval.icl (accuracy with/without demos)")
         tokenizer = processing_class
@@ -121,7 +124,7 @@ class IA2Trainer(GuardedTrainer, SFTTrainer):
         for i, query in enumerate(examples["query"]):
             prompt, targets = tokenizer(student_prompt(query))["input_ids"], self.targets.targets_of(i)
             if max_length is not None and len(prompt) + len(targets) > max_length:
-                raise ValueError(
+                raise InputError(
                     f"IA2 example {i}: query + {len(targets)} target tokens is {len(prompt) + len(targets)} tokens, over "
                     f"max_length={max_length}; targets must not be truncated. Raise max_length or drop the row."
                 )

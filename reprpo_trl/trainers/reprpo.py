@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..cache import load_tensors, save_tensors
 from ..losses import HIDDEN_LOSSES, preference_geometry
 from ..models import cache_dir
-from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, unwrap
+from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, side_patterns, unwrap
 from ..transforms import ORTHO_MAPS, ORTHOGONAL, TRANSFORMS, SiteTransforms
 from .backends import refuse_sharded_backends, require_config
 from .dpo import DPOConfig, DPOTrainer
@@ -137,6 +137,7 @@ class ReprPOConfig(DPOConfig):
             raise ValueError(f"collection={self.collection!r}: choose one of {COLLECTIONS}")
         if self.side_io not in SIDE_DEFAULTS:
             raise ValueError(f"side_io={self.side_io!r}: choose 'input' or 'output'")
+        side_patterns(self.side_modules or "")  # syntax only; matches are checked against the model later
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform={self.transform!r}: choose one of {TRANSFORMS}")
         if self.ortho_map not in ORTHO_MAPS:
