@@ -292,3 +292,15 @@ def test_damaged_ia2_target_cache_is_recomputed(how, tmp_path, tokenizer):
     with pytest.warns(UserWarning, match=f"cache file {path}"):
         again = make_trainer("ia2", tmp_path, tokenizer, None, max_steps=1)
     assert torch.equal(again.targets.acts, first.targets.acts) and torch.isfinite(again.targets.acts).all()
+
+
+def test_cli_stops_a_diverging_run_with_one_line_and_exit_1(tmp_path, saved_model, capsys):
+    from reprpo_trl.train import main
+
+    path = recipe(tmp_path, saved_model, {**RESUMED["reprpo-ether"], "alpha": 1e30}, "r")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path), "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: step 1: non-finite grad_norm = inf" in err[-1] and "Traceback" not in "\n".join(err)  # after a progress bar
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists() and not (tmp_path / "out" / "reprpo_run.json").exists()
