@@ -37,13 +37,14 @@ def project_output_axis(grad: torch.Tensor, direction: torch.Tensor, beta: float
 
 def project_rows(grad: torch.Tensor, directions: torch.Tensor, beta: float, renorm: bool) -> torch.Tensor:
     """ProjBP's edit of grad_output (N, T, d): each row n, at every token, along its own unit direction (N, d);
-    with renorm each row keeps its original norm over (T, d)."""
-    u = directions.to(grad.dtype)[:, None, :]
-    edited = grad - (1.0 - beta) * (grad - (grad * u).sum(-1, keepdim=True) * u)
+    with renorm each row keeps its original norm over (T, d). Computed in float32 whatever the gradient's dtype:
+    in bf16 the rounding left in a small parallel part would be scaled up by the renorm."""
+    g, u = grad.float(), directions.float()[:, None, :]
+    edited = g - (1.0 - beta) * (g - (g * u).sum(-1, keepdim=True) * u)
     if renorm:
-        norms, new_norms = grad.flatten(1).norm(dim=1), edited.flatten(1).norm(dim=1)
+        norms, new_norms = g.flatten(1).norm(dim=1), edited.flatten(1).norm(dim=1)
         edited = edited * (norms / new_norms.clamp(min=EPS))[:, None, None]
-    return edited
+    return edited.to(grad.dtype)
 
 
 def adapted_modules(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Module]:

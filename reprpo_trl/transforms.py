@@ -91,13 +91,16 @@ class HRA(nn.Module):
 
 class Ortho(nn.Module):
     """A full d x d orthogonal matrix, parametrized by torch (householder / cayley / matrix_exp); identity at init.
-    Kept in float64, where matrix_exp and cayley stay orthogonal to ~1e-12, and cast to the states' dtype."""
+    Kept in float64 (orthogonal to ~1e-12; in float32 matrix_exp drifts to ~3e-5 after a few large steps), or in
+    float32 under DeepSpeed and FSDP, which need one dtype for the parameters they flatten or shard together.
+    Weight decay must stay off it: AdamW's decay of the householder parametrization's stored matrix collapses the
+    map to zero (the trainers exclude transforms from weight decay)."""
 
-    def __init__(self, dim: int, ortho_map: str = "householder"):
+    def __init__(self, dim: int, ortho_map: str = "householder", dtype: str = "float64"):
         super().__init__()
         if ortho_map not in ORTHO_MAPS:
             raise ValueError(f"ortho_map={ortho_map!r}: choose one of {ORTHO_MAPS}")
-        linear = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
+        linear = nn.Linear(dim, dim, bias=False, dtype=getattr(torch, dtype))
         with torch.no_grad():
             linear.weight.copy_(torch.eye(dim))
         self.linear = orthogonal(linear, orthogonal_map=ortho_map)
@@ -133,7 +136,7 @@ class SVDProjection(nn.Module):
 
 def build_transform(name: str, dim: int, unembedding=None, **kwargs) -> nn.Module:
     """One transform for a site of width `dim`. kwargs: n_blocks (ether, etherplus), rank and gram_schmidt (hra),
-    ortho_map (ortho), rank and quantile (svd, which also needs the lm_head `unembedding` weight)."""
+    ortho_map and dtype (ortho), rank and quantile (svd, which also needs the lm_head `unembedding` weight)."""
     if name == "svd":
         if unembedding is None or unembedding.shape[1] != dim:
             raise ValueError(
@@ -147,7 +150,7 @@ def build_transform(name: str, dim: int, unembedding=None, **kwargs) -> nn.Modul
         "ether": lambda: Ether(dim, kwargs.get("n_blocks", 4)),
         "etherplus": lambda: EtherPlus(dim, kwargs.get("n_blocks", 4)),
         "hra": lambda: HRA(dim, kwargs.get("rank", 8), kwargs.get("gram_schmidt", False)),
-        "ortho": lambda: Ortho(dim, kwargs.get("ortho_map", "householder")),
+        "ortho": lambda: Ortho(dim, kwargs.get("ortho_map", "householder"), kwargs.get("dtype", "float64")),
     }
     if name not in builders:
         raise ValueError(f"transform={name!r}: choose one of {sorted([*builders, 'svd'])}")
@@ -176,10 +179,12 @@ class SiteTransforms(nn.Module):
     def forward(self, site: str, h: torch.Tensor) -> torch.Tensor:
         return self.maps[self.index[site]](h)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the spec and `weights` (default: this module's state dict; pass complete tensors when sharded)."""
         os.makedirs(directory, exist_ok=True)
+        state = self.state_dict() if weights is None else weights
         weights = os.path.join(directory, TRANSFORMS_FILE + ".safetensors")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, weights + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, weights + ".tmp")
         os.replace(weights + ".tmp", weights)
         atomic_write_text(os.path.join(directory, TRANSFORMS_FILE + ".json"), json.dumps(self.spec, indent=1))
 

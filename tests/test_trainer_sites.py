@@ -1,14 +1,11 @@
 """ReprPOTrainer with side and suppressed sites and with transforms: every loss trains, precomputed references
 agree with live ones, transforms train (or stay frozen), are saved beside the adapter and come back on resume."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from reprpo_trl import losses
 from reprpo_trl.losses import HIDDEN_LOSSES
-from reprpo_trl.trainers.backends import refuse_sharded_backends
 from reprpo_trl.transforms import SiteTransforms
 from test_trainer import lora_trainer, lora_weights
 
@@ -101,9 +98,12 @@ def test_transforms_saved_with_the_adapter_and_restored_on_resume(tmp_path, toke
     torch.testing.assert_close(resumed.transforms("layer_1", h), trainer.transforms("layer_1", h))
 
 
-@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
-def test_sharded_backends_are_refused(backend):
-    trainer = SimpleNamespace(is_deepspeed_enabled=backend == "deepspeed", is_fsdp_enabled=backend == "fsdp")
-    with pytest.raises(ValueError, match=f"cannot run under {'DeepSpeed' if backend == 'deepspeed' else 'FSDP'}"):
-        refuse_sharded_backends(trainer, "X", "do Y")
-    refuse_sharded_backends(SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=False), "X", "do Y")
+def test_transforms_train_without_weight_decay(tmp_path, tokenizer, pairs):
+    """AdamW's weight decay on torch's householder parametrization collapses the map to zero: transforms are kept out
+    of the decayed group even when the adapter is decayed."""
+    trainer = lora_trainer(tmp_path, tokenizer, pairs, transform="ortho", hidden_loss="rank", max_steps=2, weight_decay=0.1)
+    trainer.train()
+    decayed = {id(p) for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert decayed and not decayed & {id(p) for p in trainer.transforms.parameters()}
+    m = trainer.transforms("layer_1", torch.eye(32, dtype=torch.float64))
+    assert torch.allclose(m @ m.T, torch.eye(32, dtype=torch.float64), atol=1e-10)

@@ -76,8 +76,9 @@ def compute_targets(model, tokenizer, prompts: list[str], answers: list[str], la
             targets = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
         else:
             ids, mask, _ = left_padded(batch_prompts, pad_id)
+            # one process decodes alone (weights gathered under ZeRO-3): no step-by-step sync with the others
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad_id)  # fmt: skip
+                                 do_sample=False, pad_token_id=pad_id, synced_gpus=False)  # fmt: skip
             targets = [cut_answer(row[ids.shape[1] :].tolist(), tokenizer, tokenizer.eos_token_id) for row in out]
         ids, mask, positions = left_padded([p + t for p, t in zip(batch_prompts, targets)], pad_id)
         width = ids.shape[1]

@@ -10,16 +10,25 @@ Guard, `on_nonfinite`:
     stop  raise RunError naming the step and the first non-finite term, before the optimizer step (default)
     skip  drop the step's gradients, so the optimizer leaves every parameter as it was, and count the step
     off   no check
-Under DeepSpeed the engine steps inside backward, so there the check comes after the step; it still comes before
-any save, and `save_model` refuses to write non-finite trainable parameters unless the guard is off.
+Under DeepSpeed, whose engine steps inside backward, the trainer's step work (gradient edits, terms, the check)
+runs between the engine's backward and its step; the engine's gradient norm is known only after its step, so a
+non-finite norm stops training there, still before any save. `save_model` refuses to write non-finite trainable
+parameters unless the guard is off.
+
+Gradient checkpointing: trainers that read hooked states with gradient (`reads_hooked_states`) need the
+non-reentrant form, where a checkpointed layer's first forward records autograd; the reentrant form runs it under
+no_grad, so every state a hook reads there would silently carry no gradient. TRL forces reentrant for PEFT under
+ZeRO-3 to work around a DeepSpeed recompute bug that DeepSpeed 0.19.8 fixed; these trainers undo that.
 """
 
 import math
 from dataclasses import field
 
 import torch
+from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
 from transformers.utils import logging
 
+from .. import sharding
 from ..checkpoints import CheckpointMarker, last_complete_checkpoint, resolve_resume
 from ..errors import InputError, RunError
 
@@ -47,8 +56,20 @@ def check_nonfinite_policy(value: str) -> None:
 class GuardedTrainer:
     """Mixin placed before a TRL trainer class; see the module docstring."""
 
+    reads_hooked_states = False  # True where losses or edits need the gradient of states read by forward hooks
+
     def __init__(self, *args, **kwargs):
+        config = kwargs.get("args")
+        if self.reads_hooked_states and config is not None and config.gradient_checkpointing:
+            if (config.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+                raise InputError(
+                    f"{type(self).__name__} with gradient_checkpointing_kwargs use_reentrant=True: reentrant checkpointing "
+                    "runs each layer's first forward without autograd, so the states this trainer reads would carry no "
+                    "gradient. Remove use_reentrant (the non-reentrant default is used)."
+                )
         super().__init__(*args, **kwargs)
+        if self.reads_hooked_states and self.args.gradient_checkpointing:
+            _non_reentrant_checkpointing(self.args)
         self.step_terms: dict[str, list[torch.Tensor]] = {}
         self._term_reduce: dict[str, str] = {}
         self._step_losses: list[torch.Tensor] = []
@@ -74,29 +95,34 @@ class GuardedTrainer:
         self._term_reduce[name] = reduce
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if engine is not None and not isinstance(engine, _GuardedEngine):
+            self.accelerator.deepspeed_engine_wrapped = _GuardedEngine(engine.engine, self)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._step_losses.append(loss.detach().float().reshape(()))
-        if self.accelerator.sync_gradients:
-            self.edit_gradients()
-            self._end_step()
+        if not self.is_deepspeed_enabled:
+            self._step_losses.append(loss.detach().float().reshape(()))
+            if self.accelerator.sync_gradients:
+                self.before_optimizer_step()
         return loss
+
+    def before_optimizer_step(self) -> None:
+        """After the step's last backward, before clipping and the optimizer (under DeepSpeed: the engine's step)."""
+        self.edit_gradients()
+        self._end_step(None if self.is_deepspeed_enabled else self.gradient_norm())
 
     def edit_gradients(self) -> None:
         """Called once per optimizer step with the step's complete (all-reduced) gradient, before the guard,
-        clipping and the optimizer. Does nothing here; ProjGrad projects the gradient."""
+        clipping and the optimizer. Does nothing here; ProjGrad projects the gradient (reprpo_trl.sharding)."""
 
     def gradient_norm(self) -> torch.Tensor:
-        """The L2 norm of every parameter gradient of the step, before clipping."""
-        if self.is_deepspeed_enabled:  # the engine has stepped already and kept the norm it clipped with
-            norm = self.model_wrapped.get_global_grad_norm()
-            return torch.as_tensor(0.0 if norm is None else float(norm), device=self.accelerator.device)
+        """The L2 norm of every parameter gradient of the step, before clipping (not under DeepSpeed)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.accelerator.device)
         norm = torch.nn.utils.get_total_norm(grads)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def _end_step(self) -> None:
+    def _end_step(self, grad_norm: torch.Tensor | None) -> None:
         names = list(self.step_terms)
         values = [
             torch.stack(v).sum() if self._term_reduce[n] == "sum" else torch.stack(v).mean()
@@ -104,9 +130,9 @@ class GuardedTrainer:
         ]
         checked = names + ["loss"]
         values.append(torch.stack(self._step_losses).sum())
-        if self.nonfinite_policy != "off":
+        if self.nonfinite_policy != "off" and grad_norm is not None:
             checked.append("grad_norm")
-            values.append(self.gradient_norm())
+            values.append(grad_norm)
         self.step_terms, self._step_losses = {}, []
         stacked = torch.stack([v.to(self.accelerator.device) for v in values])
         host = self.accelerator.gather(stacked).reshape(-1, len(values)).mean(0).tolist()  # the step's one sync
@@ -115,6 +141,12 @@ class GuardedTrainer:
         bad = [(name, value) for name, value in zip(checked, host) if not math.isfinite(value)]
         if bad and self.nonfinite_policy != "off":
             self._on_nonfinite(bad)
+
+    def after_engine_step(self) -> None:
+        """DeepSpeed: the gradient norm the engine clipped with, checked once it is known."""
+        norm = self.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        if self.nonfinite_policy != "off" and norm is not None and not math.isfinite(norm):
+            self._on_nonfinite([("grad_norm", norm)])
 
     def _on_nonfinite(self, bad: list[tuple[str, float]]) -> None:
         step = self.state.global_step + 1
@@ -140,10 +172,15 @@ class GuardedTrainer:
 
     @torch.no_grad()
     def _refuse_nonfinite_parameters(self) -> None:
-        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and p.numel()]
-        if not trainable or bool(torch.stack([torch.isfinite(p).all() for _, p in trainable]).all()):
+        """Every rank checks its own shard; the count of non-finite tensors is summed over ranks (one sync)."""
+        trainable = [(n, sharding.local(p)) for n, p in self.model.named_parameters() if p.requires_grad]
+        finite = [torch.isfinite(p).all() if p.numel() else torch.ones((), dtype=torch.bool, device=p.device) for _, p in trainable]
+        if not finite:
             return
-        names = [n for n, p in trainable if not bool(torch.isfinite(p).all())]
+        flags = torch.stack(finite).to(self.accelerator.device)
+        if self.accelerator.reduce((~flags).sum(), "sum").item() == 0:
+            return
+        names = [n for (n, _), ok in zip(trainable, flags.tolist()) if not ok]
         raise RunError(
             f"step {self.state.global_step}: trainable parameter(s) {names[:3]}{' ...' if len(names) > 3 else ''} are "
             "non-finite; refusing to save them. Lower the learning rate or the loss weights."
@@ -157,3 +194,35 @@ class GuardedTrainer:
 
     def load_extra_state(self, checkpoint: str | None) -> None:
         """What a subclass keeps beside the model in a checkpoint (ReprPO: its transforms); nothing here."""
+
+
+def _non_reentrant_checkpointing(args) -> None:
+    """Undo TRL's reentrant workaround for PEFT + ZeRO-3 (see the module docstring), on both names it reads."""
+    if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+        from packaging.version import Version
+
+        if Version(deepspeed.__version__) < Version("0.19.8"):
+            raise InputError(
+                f"gradient checkpointing under ZeRO-3 needs deepspeed>=0.19.8 (found {deepspeed.__version__}), which "
+                "fixed the non-reentrant recompute; upgrade it, or set gradient_checkpointing: false"
+            )
+    kwargs = {**(args.activation_checkpointing_kwargs or {}), **(args.gradient_checkpointing_kwargs or {}), "use_reentrant": False}
+    args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
+
+
+class _GuardedEngine(DeepSpeedEngineWrapper):
+    """accelerate's DeepSpeed engine wrapper with the trainer's step work between the engine's backward and step."""
+
+    def __init__(self, engine, trainer: GuardedTrainer):
+        super().__init__(engine)
+        self.trainer = trainer
+
+    def backward(self, loss, sync_gradients=True, **kwargs):
+        self.trainer._step_losses.append(loss.detach().float().reshape(()))
+        self.engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
+        self.engine.backward(loss, **kwargs)
+        if sync_gradients:
+            self.trainer.before_optimizer_step()
+            self.engine.step()
+            self.trainer.after_engine_step()

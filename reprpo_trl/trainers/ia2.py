@@ -19,6 +19,7 @@ from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from .. import sharding
 from ..errors import InputError
 from ..icl.prompts import student_prompt, teacher_prompts
 from ..icl.targets import LABEL_TYPES, cached_targets
@@ -85,12 +86,21 @@ class IA2Collator(DataCollatorForLanguageModeling):
 class IA2Trainer(GuardedTrainer, SFTTrainer):
     """SFTTrainer on (query, answer) rows plus a demonstration pool; see the module docstring."""
 
+    reads_hooked_states = True  # act and tokl backpropagate through hooked attention outputs and final states
+
     def __init__(self, model, args: IA2Config, train_dataset: Dataset, demo_pool: Dataset, processing_class, peft_config=None, **kwargs):
         require_config("IA2Trainer", args, IA2Config)
         if args.init_adapter:
             check_directory(args.init_adapter, "init_adapter")  # here, not at parse time: a sweep may train it first
         if kwargs.get("eval_dataset") is not None:
             raise ValueError("IA2Trainer takes no eval_dataset: evaluate with reprpo_trl.eval.icl (accuracy with/without demos)")
+        zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
+        if zero3 and args.gradient_checkpointing and args.loss in ("act", "tna"):
+            raise InputError(
+                f"ia2_method={args.ia2_method} under DeepSpeed ZeRO-3 with gradient checkpointing: the loss reads every "
+                "layer's attention output inside the checkpointed layers, and ZeRO-3 re-partitions a frozen weight "
+                "during the recompute (torch CheckpointError). Set gradient_checkpointing: false, or use ZeRO-2."
+            )
         tokenizer = processing_class
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -98,7 +108,8 @@ class IA2Trainer(GuardedTrainer, SFTTrainer):
         placed = args.deepspeed or args.fsdp or getattr(model, "hf_device_map", None) or getattr(model, "is_quantized", False)
         if not placed:
             model.to(args.device)  # the teacher pass runs where training will (the Trainer would move it next anyway)
-        with args.main_process_first(desc="IA2 targets"), as_base(model):
+        # ZeRO-3 loads the weights partitioned: every rank gathers them for the one-time teacher pass (and its cache key)
+        with sharding.gathered(model), args.main_process_first(desc="IA2 targets"), as_base(model):
             self.targets, self.targets_path, computed = cached_targets(
                 model, tokenizer, prompts, list(train_dataset["answer"]), args.target_cache_dir or cache_dir(),
                 label_type=args.label_type, max_new_tokens=args.max_new_tokens, distributions=args.loss == "tokl",
@@ -167,8 +178,8 @@ class IA2Trainer(GuardedTrainer, SFTTrainer):
 
     def _kl_sum(self, model, hidden: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Σ_t KL(p_teacher ‖ p_student) at the target positions, from the final hidden states."""
-        head = unwrap(model).get_output_embeddings()
-        log_q = torch.log_softmax(torch.nn.functional.linear(hidden, head.weight.float(), head.bias), dim=-1)
+        head = unwrap(model).get_output_embeddings()  # called as a module, so ZeRO-3 gathers its weight
+        log_q = torch.log_softmax(head(hidden.to(head.weight.dtype)).float(), dim=-1)
         p = self.targets.probs[flat].to(hidden.device, torch.float32)
         if self.targets.prob_ids is not None:  # top-k: the remaining mass spread evenly over the other tokens
             top, ids = p, self.targets.prob_ids[flat].to(hidden.device)

@@ -26,6 +26,7 @@ class ProjBPTrainer(PreferenceDirectionTrainer):
     """TRL's DPOTrainer with per-example projection of module output gradients; see the module docstring."""
 
     _tag_names = ["trl", "dpo", "projbp"]
+    reads_hooked_states = True  # edits the gradient of each adapted module's output
 
     def __init__(self, model, ref_model=None, args: ProjBPConfig | None = None, **kwargs):
         require_config("ProjBPTrainer", args, ProjBPConfig)

@@ -6,9 +6,9 @@ summed across processes. Before clipping, every trainable tensor with an output 
 IA3 output scale) gets G' = G_par + beta * G_perp along u_m (see `reprpo_trl.projection`). With `project_update`
 the parameter change the optimizer made is split the same way, which keeps the update in span(u_m) for Adam too.
 
-Backends: single process and DDP (the edit runs on the all-reduced gradient after the last micro-batch's
-backward). DeepSpeed and FSDP own the gradient and the step, so ProjGrad refuses them at start-up; ProjBP, which
-edits activation gradients inside backward, runs there.
+Backends: the edit runs on the complete, all-reduced gradient after the step's last backward and before
+clipping and the optimizer: DDP's gradient, FSDP2's DTensor shards gathered and written back, DeepSpeed's fp32
+gradient partitions through its safe_* API, between the engine's backward and step (reprpo_trl.sharding).
 """
 
 from dataclasses import dataclass, field
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..projection import adapted_modules, output_axis_parameters, project_output_axis, unit
+from .. import sharding
 from ..sites import POOLINGS, StateCollector, unwrap
-from .backends import refuse_sharded_backends, require_config
+from .backends import require_config
 from .dpo import DPOConfig, DPOTrainer
 
 DIRECTION_SOURCES = ("reference", "policy")
@@ -103,12 +104,6 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
     def __init__(self, model, ref_model=None, args: ProjGradConfig | None = None, **kwargs):
         require_config("ProjGradTrainer", args, ProjGradConfig)
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
-        refuse_sharded_backends(
-            self,
-            "ProjGrad (it edits the complete gradient between backward and the optimizer step)",
-            "launch single-process or DDP, or use ProjBP (trainer: projbp), which edits activation gradients inside "
-            "backward and runs there",
-        )
         self.parameters_of = {name: output_axis_parameters(m) for name, m in self.projected.items()}
         self.direction_sums: dict[str, torch.Tensor] = {}
         self.directions: dict[str, torch.Tensor] = {}  # the last step's unit directions, by module name
@@ -124,20 +119,20 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
 
     @torch.no_grad()
     def edit_gradients(self):
-        """Turns the accumulated direction sums into unit directions and edits the gradients in place."""
+        """Turns the accumulated direction sums into unit directions and edits the complete gradients in place."""
         self.directions = {
             name: unit(self.accelerator.reduce(total, "sum")) for name, total in sorted(self.direction_sums.items())
         }
         self.direction_sums = {}
         kept = []
+
+        def split(grad, direction):
+            along = direction.to(grad) @ grad.reshape(grad.shape[0], -1)  # |G_par| = |u^T G| for unit u
+            kept.append(along.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
+            return project_output_axis(grad, direction.to(grad), self.args.proj_beta, self.args.renorm)
+
         for name, direction in self.directions.items():
-            for parameter in self.parameters_of[name]:
-                if parameter.grad is None:
-                    continue
-                grad = parameter.grad
-                along = direction.to(grad.dtype) @ grad.reshape(grad.shape[0], -1)  # |G_par| = |u^T G| for unit u
-                kept.append(along.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
-                parameter.grad = project_output_axis(grad, direction, self.args.proj_beta, self.args.renorm)
+            sharding.edit_gradients(self.parameters_of[name], lambda grad, _, u=direction: split(grad, u))
         if kept:
             self.record("projgrad/parallel_fraction", torch.stack(kept).mean())
 
@@ -151,14 +146,17 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
 
     @torch.no_grad()
     def _remember_parameters(self, optimizer, args, kwargs):
-        self._before_step = {p: p.detach().clone() for ps in self.parameters_of.values() for p in ps}
+        self._before_step = {p: sharding.full_parameter(p).clone() for ps in self.parameters_of.values() for p in ps}
 
     @torch.no_grad()
     def _project_update(self, optimizer, args, kwargs):
-        """theta <- theta_old + D_par + beta * D_perp for D = theta - theta_old, along each module's direction."""
+        """theta <- theta_old + D_par + beta * D_perp for D = theta - theta_old, along each module's direction.
+        Under DeepSpeed these hooks sit on the inner optimizer, whose step updates the fp32 master weights; the
+        engine copies them into the model afterwards, so the projected update is the one the model gets."""
         for name, direction in self.directions.items():
             for parameter in self.parameters_of[name]:
                 before = self._before_step[parameter]
-                change = project_output_axis(parameter - before, direction, self.args.proj_beta, self.args.renorm)
-                parameter.copy_(before + change)
+                change = sharding.full_parameter(parameter) - before
+                projected = project_output_axis(change, direction.to(change), self.args.proj_beta, self.args.renorm)
+                sharding.set_full_parameter(parameter, before + projected)
         self._before_step = {}

@@ -19,12 +19,13 @@ from datasets import Dataset, concatenate_datasets
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import sharding
 from ..cache import load_tensors, save_tensors
 from ..losses import HIDDEN_LOSSES, preference_geometry
 from ..models import cache_dir
 from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, side_patterns, unwrap
 from ..transforms import ORTHO_MAPS, ORTHOGONAL, TRANSFORMS, SiteTransforms
-from .backends import refuse_sharded_backends, require_config
+from .backends import require_config
 from .dpo import DPOConfig, DPOTrainer
 
 REF_STATES = "ref_states"  # dataset column / batch key: (2, sum of raw site widths) pooled reference states per pair
@@ -200,6 +201,7 @@ class ReprPOTrainer(DPOTrainer):
     """TRL's DPOTrainer with a hidden-state loss on residual-stream sites; see the module docstring."""
 
     _tag_names = ["trl", "dpo", "reprpo"]
+    reads_hooked_states = True  # the hidden-state loss backpropagates through hooked states
 
     def __init__(self, model, ref_model=None, args: ReprPOConfig | None = None, **kwargs):
         require_config("ReprPOTrainer", args, ReprPOConfig)
@@ -209,7 +211,10 @@ class ReprPOTrainer(DPOTrainer):
         self.sites = Collection(args.collection, models, self.layers, args.pooling, args.side_modules, args.side_io)
         self.collector = self.sites.collector
         self.hidden_loss_kwargs = args.hidden_loss_kwargs()
-        spec = {site: {"name": args.transform, "dim": dim, **args.transform_kwargs()} for site, dim in self.sites.dims.items()}
+        kwargs = args.transform_kwargs()
+        if args.transform == "ortho" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            kwargs["dtype"] = "float32"  # one dtype for what the engine flattens or shards (transforms.Ortho)
+        spec = {site: {"name": args.transform, "dim": dim, **kwargs} for site, dim in self.sites.dims.items()}
         base = unwrap(self.model)
         self.transforms = SiteTransforms(spec, base.get_output_embeddings().weight).to(self.args.device)
         self.transforms.requires_grad_(args.trains_transform)
@@ -217,12 +222,6 @@ class ReprPOTrainer(DPOTrainer):
         base.add_module(TRANSFORMS_MODULE, self.transforms)
         ignored = {f"{TRANSFORMS_MODULE}.{key}" for key in self.transforms.state_dict()}
         base._keys_to_ignore_on_save = set(base._keys_to_ignore_on_save or ()) | ignored
-        if args.trains_transform:
-            refuse_sharded_backends(
-                self,
-                f"training transform={args.transform}",
-                "set freeze_transform=True, or launch single-process or DDP",
-            )
         self.data_collator = _WithRefStates(self.data_collator)
         if args.precompute_ref_log_probs:
             self.train_dataset = self.precompute_ref_states(self.train_dataset, "train")
@@ -237,8 +236,10 @@ class ReprPOTrainer(DPOTrainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
-        if self.args.transform != "none" and self.accelerator.is_main_process:
-            self.transforms.save(output_dir or self.args.output_dir)
+        if self.args.transform != "none":
+            weights = sharding.full_state_dict(self.transforms)  # on every rank: ZeRO-3 gathers, FSDP2 assembles
+            if self.accelerator.is_main_process:
+                self.transforms.save(output_dir or self.args.output_dir, weights)
 
     def load_extra_state(self, checkpoint):
         if checkpoint and self.args.transform != "none":

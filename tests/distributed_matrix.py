@@ -1,0 +1,25 @@
+"""Trains each recipe given, one after another, in one (possibly multi-process) launch, and keeps each run's
+log history: `accelerate launch ... tests/distributed_matrix.py <out_root> <recipe.yaml>...` (tests/test_distributed.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reprpo_trl import train  # noqa: E402
+
+
+def main():
+    root, recipes = Path(sys.argv[1]), sys.argv[2:]
+    for recipe in recipes:
+        out = root / Path(recipe).stem
+        trainer = train.run(["--config", recipe, "--output_dir", str(out)])
+        if trainer.is_world_process_zero():
+            (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+        trainer.accelerator.wait_for_everyone()
+        del trainer
+
+
+if __name__ == "__main__":
+    main()
