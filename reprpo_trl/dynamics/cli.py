@@ -91,7 +91,7 @@ def llc_check(args) -> None:
 def example(args) -> None:
     from .example import run_example
 
-    run_example(args.out, args.img, quick=args.quick)
+    run_example(args.out, args.img, quick=args.quick, jobs=args.jobs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("example", help="DPO vs ReprPO-prefvec on the embedded model: runs, HMM, LLC, figures.")
     p.add_argument("--out", default="outputs/dynamics_example", help="Directory for the runs and the analysis.")
     p.add_argument("--img", default=None, help="Also copy the figures here (docs/img).")
+    p.add_argument("--jobs", type=int, default=2, help="Runs trained at once, one thread each.")
     p.add_argument("--quick", action="store_true", help="A smoke-test size (2 seeds, few steps): checks the pipeline.")
     return main
 

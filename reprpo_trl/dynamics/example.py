@@ -1,9 +1,10 @@
 """reprpo-dynamics example: docs/dynamics.md's comparison of DPO and ReprPO-prefvec dynamics, end to end.
 
 Trains recipes/dpo.yaml and recipes/reprpo_prefvec.yaml (LoRA on the embedded SmolLM2-135M-Instruct) for three
-seeds each on a small slice of the offline suite, recording weight statistics every 2 steps and the LLC every 10;
+seeds each on a small slice of the offline suite (24 steps of 2 pairs), recording weight statistics every step
+and the LLC every 8;
 fits the HMM over all six runs; writes tables, figures and example.md (numbers and timings) under `out`.
-Runs go two at a time, one thread each (a 2-core machine). A finished run (its adapter saved) is not rerun.
+Runs go `jobs` at a time (default 2: a 2-core machine), one thread each. A finished run (its adapter saved) is not rerun.
 """
 
 import os
@@ -27,14 +28,14 @@ RECIPES = {"DPO": "dpo.yaml", "ReprPO-prefvec": "reprpo_prefvec.yaml"}
 COLORS = {"DPO": "tab:blue", "ReprPO-prefvec": "tab:orange"}
 FIGURES = ("model_selection.png", "states.png", "transitions.png", "llc.png", "weight_stats.png")
 SETTINGS = {  # shared by both methods: a small, CPU-sized slice of each recipe
-    "max_train_samples": 160, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 40,
-    "learning_rate": 3e-4, "warmup_steps": 4, "logging_steps": 2, "eval_strategy": "no", "save_strategy": "no",
+    "max_train_samples": 48, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 24,
+    "learning_rate": 3e-4, "warmup_steps": 2, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no",
     "gradient_checkpointing": "false", "use_cpu": "true", "dataloader_num_workers": 0,
-    "weight_stats": "true", "weight_stats_steps": 2,
-    "llc": "true", "llc_steps": 10, "llc_epsilon": 3e-4, "llc_nbeta": 100.0, "llc_gamma": 1000.0, "llc_chains": 2,
-    "llc_draws": 8, "llc_probe_size": 8, "llc_batch_size": 4,
+    "weight_stats": "true", "weight_stats_steps": 1,
+    "llc": "true", "llc_steps": 8, "llc_epsilon": 3e-4, "llc_nbeta": 100.0, "llc_gamma": 1000.0, "llc_chains": 2,
+    "llc_draws": 4, "llc_probe_size": 8, "llc_batch_size": 4,
 }  # fmt: skip
-QUICK = {"max_steps": 6, "weight_stats_steps": 1, "llc_steps": 3, "llc_draws": 2, "max_train_samples": 24}
+QUICK = {"max_steps": 4, "llc_steps": 2, "llc_draws": 2, "max_train_samples": 8}
 
 
 def _recipes_dir() -> Path:

@@ -4,7 +4,11 @@ Dynamics"): a Gaussian HMM over each run's per-checkpoint weight statistics.
     z-score every feature within its run     x' = (x - mean_run) / sd_run     (0 where sd_run = 0)
     fit hmmlearn GaussianHMM, 1..max_states states, diag and/or full covariance, `restarts` seeded starts each
         on the train runs; keep the start with the best train log-likelihood
-    select the number of states (and covariance type) with the lowest BIC on the train runs
+    select the number of states (and covariance type) with the lowest BIC on the train runs, among the eligible
+        models: fewer free parameters than train observations (when none has, this is dropped) and, when there
+        are test runs, a test log-likelihood at least that of the simplest model fitted (1 state, diag when fitted: no phases,
+        independent features) -- a full covariance fitted to a few runs of collinear statistics can have a
+        high train likelihood and BIC yet predict held-out runs far worse than no model of phases at all
     decode every run (Viterbi); states are renumbered by when they occur (0 = earliest on average)
     transitions: counts of observed s -> s' (s != s') over all runs, and for each the features whose
         standardised means change most, mu_s' - mu_s (in within-run standard deviations)
@@ -102,8 +106,11 @@ def fit_models(data: dict[str, np.ndarray], train: list[str], test: list[str], m
             for restart in range(restarts):
                 model = GaussianHMM(n_components=n_states, covariance_type=covariance, n_iter=n_iter,
                                     random_state=seed + restart, min_covar=1e-3)  # fmt: skip
-                model.fit(x_train, len_train)
-                score = model.score(x_train, len_train)
+                try:
+                    model.fit(x_train, len_train)
+                    score = model.score(x_train, len_train)
+                except ValueError:  # a state that lost every observation leaves a transmat_ row of zeros
+                    continue
                 if np.isfinite(score) and (best is None or score > best[0]):
                     best = (score, model)
             if best is None:
@@ -119,8 +126,15 @@ def fit_models(data: dict[str, np.ndarray], train: list[str], test: list[str], m
             models[(n_states, covariance)] = model
     table = pd.DataFrame(rows)
     if table.empty:
-        raise InputError("no HMM could be fitted: every restart gave a non-finite log-likelihood")
-    best_row = table.sort_values(["bic", "n_states"]).iloc[0]
+        raise InputError("no HMM could be fitted: every restart failed; give more checkpoints per run or fewer states")
+    table["identifiable"] = table.n_params < len(x_train)
+    table["generalises"] = True
+    if test:  # a model that predicts held-out runs worse than "no phases, independent features" has overfitted
+        simplest = table.sort_values(["n_states", "covariance"]).iloc[0]
+        table["generalises"] = table.test_ll >= simplest.test_ll
+    eligible = table.identifiable & table.generalises
+    candidates = table[eligible] if eligible.any() else table[table.generalises]
+    best_row = candidates.sort_values(["bic", "n_states"]).iloc[0]
     return Selection(table, models, (int(best_row.n_states), str(best_row.covariance)))
 
 
@@ -170,6 +184,7 @@ def convergence_step(table: pd.DataFrame, metric: str = "loss", tolerance: float
     total change |m_first - m_last| around its final value."""
     if metric not in table or table[metric].isna().all():
         raise InputError(f"convergence metric {metric!r} is missing; choose a column of the weight-statistics table")
+    table = table.dropna(subset=[metric])
     curve = table[metric].rolling(window, min_periods=1).mean().to_numpy()
     steps = table.step.to_numpy()
     band = tolerance * abs(curve[0] - curve[-1])

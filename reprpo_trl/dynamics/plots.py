@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,7 +32,7 @@ def plot_llc(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path, colors: d
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, (losses, llc)) in enumerate(runs.items()):
         color = (colors or {}).get(label, STATE_COLORS[i % len(STATE_COLORS)])
-        left.plot(losses.step, losses.loss, color=color, label=label, alpha=0.85)
+        left.plot(losses.step, losses.loss, marker=".", ms=3, color=color, label=label, alpha=0.85)
         right.plot(llc.step, llc.llc_mean, marker="o", ms=3, color=color, label=label, alpha=0.85)
         right.fill_between(llc.step, llc.llc_mean - llc.llc_std, llc.llc_mean + llc.llc_std, color=color, alpha=0.15)
     left.set(xlabel="optimizer step", ylabel="train loss (the trainer's total)", title="Training loss")
@@ -47,12 +48,18 @@ def plot_model_selection(table: pd.DataFrame, selected: tuple[int, str], path) -
     """Test log-likelihood per observation, AIC and BIC against the number of states, one line per covariance
     type; the selected model circled."""
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for axis, column, title in zip(axes, ("test_ll_per_obs", "aic", "bic"), ("Test log-likelihood / observation (higher is better)", "AIC (lower is better)", "BIC (lower is better)")):  # fmt: skip
+    titles = ("Test log-likelihood per observation (higher: better)", "AIC on train runs (lower: better)",
+              "BIC on train runs (lower: better)")  # fmt: skip
+    for axis, column, title in zip(axes, ("test_ll_per_obs", "aic", "bic"), titles):
         for covariance, rows in table.groupby("covariance"):
             axis.plot(rows.n_states, rows[column], marker="o", label=f"{covariance} covariance")
         chosen = table[(table.n_states == selected[0]) & (table.covariance == selected[1])]
         axis.scatter(chosen.n_states, chosen[column], s=180, facecolors="none", edgecolors="k", label="selected")
+        values = table[column].abs().replace(0, np.nan).dropna()
+        if len(values) and values.max() / values.min() > 100:
+            axis.set_yscale("symlog")
         axis.set(xlabel="number of hidden states", title=title)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle("HMM model selection", y=1.02)
@@ -73,6 +80,7 @@ def plot_states(states: pd.DataFrame, metric: str, path, n_states: int) -> Path:
             axis.scatter(part.step, part[metric], s=16, color=STATE_COLORS[state % 10], zorder=2)
         axis.set(title=run, xlabel="optimizer step")
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for axis in axes[:, 0]:
         axis.set_ylabel(metric)
     for axis in list(axes.flat)[len(runs) :]:
