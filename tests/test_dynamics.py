@@ -15,6 +15,7 @@ from reprpo_trl import ReprPOConfig, ReprPOTrainer
 from reprpo_trl.dynamics import LLCArguments, LLCCallback, WeightStatsCallback, linear_regression_llc, weight_statistics
 from reprpo_trl.dynamics import hmm
 from reprpo_trl.dynamics.cli import main as dynamics_cli
+from reprpo_trl.dynamics.llc import trace_diagnostics
 from reprpo_trl.dynamics.matrices import trained_matrices
 from reprpo_trl.dynamics.phases import FitArguments, fit_runs
 from reprpo_trl.dynamics.stats import MATRIX_STATS, dense_stats, diagonal_stats, low_rank_stats
@@ -220,6 +221,16 @@ def test_llc_diagnostics_flag_a_diverging_step_size():
     with pytest.warns(UserWarning, match="Chain failed"):
         summary, _ = linear_regression_llc(4, args)
     assert not summary["bounded"] and not summary["finite"]
+
+
+def test_trace_diagnostics_tell_a_level_chain_from_a_climbing_one():
+    g = torch.Generator().manual_seed(0)
+    level = torch.zeros(4, 400)
+    for t in range(1, 400):  # AR(1): autocorrelated like SGLD, stationary
+        level[:, t] = 0.9 * level[:, t - 1] + 0.1 * torch.randn(4, generator=g)
+    assert trace_diagnostics(1 + level, 1.0, 10.0)["bounded"]
+    climbing = trace_diagnostics(1 + level + torch.linspace(0, 1, 400), 1.0, 10.0)
+    assert not climbing["bounded"] and climbing["drift"] == pytest.approx(10 * 0.5, rel=0.2)
 
 
 @pytest.mark.parametrize("field, value, message", [

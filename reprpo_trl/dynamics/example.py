@@ -21,6 +21,7 @@ import pandas as pd
 from ..errors import InputError
 from ..io import atomic_write_text, read_table, write_table
 from .callbacks import DYNAMICS_DIR
+from .llc import rediagnose
 from .phases import FitArguments, fit_runs
 from .plots import plot_llc, plot_weight_stats
 
@@ -89,7 +90,8 @@ def run_example(out: str | Path, img: str | Path | None = None, quick: bool = Fa
     weights = pd.concat([read_table(d / DYNAMICS_DIR / "weight_stats.parquet").assign(run=d.name) for d in dirs.values()])
     weights["method"] = weights.run.map(method_of)
     weights["dpo_loss"] = weights["loss/dpo"].fillna(weights["loss"]) if "loss/dpo" in weights else weights["loss"]
-    llc = pd.concat([read_table(d / DYNAMICS_DIR / "llc.parquet").assign(run=d.name) for d in dirs.values()])
+    llc = pd.concat([rediagnose(read_table(d / DYNAMICS_DIR / "llc.parquet"), read_table(d / DYNAMICS_DIR / "llc_traces.parquet"))
+                     .assign(run=d.name) for d in dirs.values()])  # fmt: skip
     llc["method"] = llc.run.map(method_of)
 
     plot_llc({label[d.name]: (weights[weights.run == d.name][["step", "loss"]], llc[llc.run == d.name]) for d in dirs.values()},
@@ -122,7 +124,7 @@ def run_example(out: str | Path, img: str | Path | None = None, quick: bool = Fa
         "## Detours (convergence step ~ visited states)", "", result["detours"].to_markdown(index=False, floatfmt=".3g"),
         f"\nR² {result['fit']['r2']:.3g}, determined: {result['fit']['determined']}", "",
         "## LLC per step (mean ± sd over seeds)", "", _per_method(llc, "llc_mean").to_markdown(index=False), "",
-        "## SGLD diagnostics", "", llc.groupby("method")[["bounded", "drift", "max_excess"]].agg(["mean", "min", "max"]).to_markdown(floatfmt=".3g"), "",
+        "## SGLD diagnostics", "", llc.groupby("method")[["bounded", "drift_z", "max_excess"]].agg(["mean", "min", "max"]).to_markdown(floatfmt=".3g"), "",
         "## Final checkpoint (mean, sd over seeds)", "", final.to_markdown(floatfmt=".3g"), "",
     ]  # fmt: skip
     atomic_write_text(out / "example.md", "\n".join(lines))

@@ -116,27 +116,46 @@ def estimate_llc(params: dict[str, torch.Tensor], loss, n_batches: int, args: LL
 
 
 def trace_diagnostics(trace: torch.Tensor, init_loss: float, nbeta: float) -> dict:
-    """Whether the SGLD chains stayed bounded (chain, step losses): a good eps gives a trace that rises from L(w*)
-    and levels off; a too large eps diverges (non-finite or still climbing), a too small one never leaves w*.
+    """Whether the SGLD chains stayed bounded (trace: chain x step losses): a good eps gives a trace that rises
+    from L(w*) and levels off; a too large eps diverges (non-finite) or keeps climbing, a too small one never
+    leaves w*.
 
-        finite        every loss is finite (devinterp stops a chain at the first NaN/inf; its steps stay 0)
+        finite        every loss is finite (devinterp stops a chain at the first NaN/inf; its later steps stay 0)
         max_excess    n_beta * max(L - L(w*)): the largest excursion, in LLC units
-        drift         n_beta * (mean of the last quarter - mean of the second quarter), in LLC units; near 0
-                      when the chain has levelled off
-        bounded       finite, and |drift| <= max(1, 0.5 |llc|)
+        drift         n_beta * (mean of the last quarter of the steps - mean of the second quarter), all chains
+        drift_z       drift over its standard error, from the means of up to 5 contiguous blocks per chain and
+                      quarter (block means, unlike single steps, are nearly independent); NaN with one block
+        bounded       finite, and |drift_z| <= 3 (or too few steps to tell)
     """
     finite = bool(torch.isfinite(trace).all()) and bool((trace != 0).all())
     steps = trace.shape[1]
     quarter = max(steps // 4, 1)
-    excess = nbeta * (trace - init_loss)
-    drift = float(excess[:, -quarter:].mean() - excess[:, quarter : 2 * quarter].mean()) if steps >= 4 else 0.0
-    llc = float(excess.mean())
+    excess = nbeta * (trace.double() - init_loss)
+    second, last = _block_means(excess[:, quarter : 2 * quarter]), _block_means(excess[:, -quarter:])
+    drift = float(last.mean() - second.mean()) if steps >= 4 else 0.0
+    error = math.sqrt(float(second.var() / len(second) + last.var() / len(last))) if len(second) >= 2 else float("nan")
+    drift_z = drift / error if error > 0 else float("nan")
     return {
         "finite": finite,
         "max_excess": float(excess.max()),
         "drift": drift,
-        "bounded": finite and abs(drift) <= max(1.0, 0.5 * abs(llc)),
+        "drift_z": drift_z,
+        "bounded": finite and not abs(drift_z) > 3,
     }
+
+
+def _block_means(values: torch.Tensor, blocks: int = 5) -> torch.Tensor:
+    """Means of up to `blocks` contiguous blocks of each chain's steps (chain x step -> flat)."""
+    return torch.cat([part.mean(dim=1) for part in values.tensor_split(min(blocks, values.shape[1]), dim=1)])
+
+
+def rediagnose(table: pd.DataFrame, traces: pd.DataFrame) -> pd.DataFrame:
+    """`table` (one LLC row per step) with the diagnostics recomputed from its saved SGLD traces."""
+    rows = []
+    for row in table.to_dict("records"):
+        trace = traces[traces.step == row["step"]].pivot(index="chain", columns="sgld_step", values="loss")
+        rows.append({**row, **trace_diagnostics(torch.tensor(trace.to_numpy()), row["init_loss"], row["nbeta"])})
+    return pd.DataFrame(rows)
 
 
 class _TrainerLoss(nn.Module):

@@ -120,20 +120,25 @@ def plot_transitions(counts: pd.DataFrame, n_states: int, occupancy: dict[int, i
 
 def plot_traces(traces: dict[str, tuple[pd.DataFrame, dict]], path, expected: dict[str, float] | None = None) -> Path:
     """SGLD diagnostics, one panel per estimate: n_beta (L(w_t) - L(w*)) of every chain against the SGLD step
-    (a good step size levels off; a diverging one climbs), with the LLC estimate and, when known, the true value."""
-    figure, axes = plt.subplots(1, len(traces), figsize=(3.6 * len(traces), 3.2), squeeze=False, sharey=False)
+    (faint) and its rolling mean over chains (a good step size levels off; a diverging one climbs), with the LLC
+    estimate and, when known, the true value."""
+    figure, axes = plt.subplots(1, len(traces), figsize=(3.6 * len(traces), 3.3), squeeze=False)
     for axis, (label, (trace, summary)) in zip(axes[0], traces.items()):
-        for chain, rows in trace.groupby("chain"):
-            excess = summary["nbeta"] * (rows.loss - summary["init_loss"])
-            axis.plot(rows.sgld_step, excess, lw=0.6, alpha=0.6, color=STATE_COLORS[chain % 10], label=f"chain {chain}")
-        axis.axhline(summary["llc_mean"], color="k", lw=1.5, label=f"estimate {summary['llc_mean']:.2f}")
+        excess = trace.assign(excess=summary["nbeta"] * (trace.loss - summary["init_loss"]))
+        for chain, rows in excess.groupby("chain"):
+            axis.plot(rows.sgld_step, rows.excess, lw=0.5, alpha=0.3, color=STATE_COLORS[chain % 10])
+        mean = excess.groupby("sgld_step").excess.mean()
+        axis.plot(mean.index, mean.rolling(max(len(mean) // 20, 1), min_periods=1).mean(), color="k", lw=1.2,
+                  label="rolling mean over chains")  # fmt: skip
+        axis.axhline(summary["llc_mean"], color="C0", lw=1.5, label="LLC estimate")
         if expected and label in expected:
-            axis.axhline(expected[label], color="C3", ls="--", lw=1.5, label=f"true {expected[label]:g}")
-        axis.set(title=label, xlabel="SGLD step")
+            axis.axhline(expected[label], color="C3", ls="--", lw=1.5, label="true LLC (d/2)")
+        axis.set(title=f"{label}: estimate {summary['llc_mean']:.2f}", xlabel="SGLD step")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("nβ · (L(w) − L(w*))")
-    figure.suptitle("SGLD loss traces (bounded and level: the step size is fine)", y=1.03)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.1), frameon=False)
+    figure.suptitle("SGLD loss traces, one colour per chain (bounded and level: the step size is fine)", y=1.03)
     return _save(figure, path)
 
 
