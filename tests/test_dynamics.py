@@ -321,6 +321,14 @@ def test_stats_cli_refuses_a_directory_that_is_no_checkpoint(tmp_path, capsys):
     assert "not a checkpoint" in capsys.readouterr().err
 
 
+def test_fit_cli_refuses_an_unknown_covariance(tmp_path, capsys):
+    paths, _ = planted_runs(tmp_path, n_runs=2)
+    with pytest.raises(SystemExit) as exit_info:
+        dynamics_cli(["fit", *paths, "--out", str(tmp_path / "out"), "--covariance", "spherical"])
+    assert exit_info.value.code == 2
+    assert "covariance='spherical': choose diag, full or both" in capsys.readouterr().err
+
+
 def test_checkpoint_step_from_trainer_state(tmp_path):
     from reprpo_trl.dynamics.checkpoints import checkpoint_step
 

@@ -4,7 +4,7 @@
     reprpo-dynamics fit RUN... --out DIR [--max_states 8 --covariance both ...]   HMM of training phases
     reprpo-dynamics llc CHECKPOINT... --config RECIPE [recipe and --llc_* flags] [--out DIR]   LLC per checkpoint
     reprpo-dynamics llc-check [--d 2 4 8 16] [--llc_* flags]                the estimator on linear regression (LLC = d/2)
-    reprpo-dynamics example [--out DIR] [--img DIR]                          docs/dynamics.md's example, end to end
+    reprpo-dynamics example [--out DIR] [--img DIR] [--jobs 2] [--quick]     docs/dynamics.md's example, end to end
 
 A RUN is a training output directory with dynamics/weight_stats.parquet (reprpo-train --weight_stats true) or such
 a table itself. Bad input is reported as one line naming what to change (exit 2).

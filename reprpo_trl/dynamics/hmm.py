@@ -138,9 +138,8 @@ def fit_models(data: dict[str, np.ndarray], train: list[str], test: list[str], m
     return Selection(table, models, (int(best_row.n_states), str(best_row.covariance)))
 
 
-def order_states(model, data: dict[str, np.ndarray]) -> np.ndarray:
-    """Renumber `model`'s states in place by mean relative time of occupancy (0 = earliest); returns the map
-    old -> new."""
+def order_states(model, data: dict[str, np.ndarray]) -> None:
+    """Renumber `model`'s states in place by mean relative time of occupancy (0 = earliest; unvisited last)."""
     n = model.n_components
     times = [[] for _ in range(n)]
     for values in data.values():
@@ -153,7 +152,6 @@ def order_states(model, data: dict[str, np.ndarray]) -> np.ndarray:
     model.transmat_ = model.transmat_[order][:, order]
     model.means_ = model.means_[order]
     model._covars_ = model._covars_[order]
-    return np.argsort(order)
 
 
 def decode(model, runs: dict[str, pd.DataFrame], data: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import InputError
 from ..io import atomic_write_bytes, atomic_write_text, write_table
 from . import hmm
 from .plots import plot_model_selection, plot_states, plot_transitions
@@ -34,13 +35,13 @@ class FitArguments:
 
     def __post_init__(self):
         if self.covariance not in (*hmm.COVARIANCES, "both"):
-            raise ValueError(f"covariance={self.covariance!r}: choose diag, full or both")
+            raise InputError(f"covariance={self.covariance!r}: choose diag, full or both")
         if not 1 <= self.max_states <= 20:
-            raise ValueError(f"max_states={self.max_states} must lie in 1..20")
+            raise InputError(f"max_states={self.max_states} must lie in 1..20")
         if self.restarts < 1:
-            raise ValueError(f"restarts={self.restarts} must be >= 1")
+            raise InputError(f"restarts={self.restarts} must be >= 1")
         if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"test_fraction={self.test_fraction} must lie in [0, 1)")
+            raise InputError(f"test_fraction={self.test_fraction} must lie in [0, 1)")
 
     @property
     def covariances(self) -> tuple[str, ...]:
@@ -71,8 +72,7 @@ def fit_runs(paths: list[str], out: str | Path, args: FitArguments) -> dict:
     write_table(selection.table, out / "model_selection")
     plot_model_selection(selection.table, selection.selected, out / "model_selection.png")
     write_table(states, out / "states")
-    metric = args.metric if args.metric in states else features[0]
-    plot_states(states, metric, out / "states.png", n_states)
+    plot_states(states, args.metric, out / "states.png", n_states)
     write_table(moves, out / "transitions")
     occupancy = states.state.value_counts().to_dict()
     plot_transitions(moves, n_states, occupancy, out / "transitions.png")

@@ -71,7 +71,7 @@ def plot_states(states: pd.DataFrame, metric: str, path, n_states: int) -> Path:
     runs = list(dict.fromkeys(states.run))
     columns = min(3, len(runs))
     rows = math.ceil(len(runs) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     for axis, run in zip(axes.flat, runs):
         rows_of_run = states[states.run == run]
         axis.plot(rows_of_run.step, rows_of_run[metric], color="0.7", lw=1, zorder=1)
