@@ -32,8 +32,9 @@ COVARIANCES = ("diag", "full")
 
 
 def load_runs(paths: list[str]) -> dict[str, pd.DataFrame]:
-    """Run name -> its weight-statistics table sorted by step. A path is a run directory (its
-    dynamics/weight_stats.parquet is read), a dynamics/ directory, or a .parquet/.csv table."""
+    """Run name -> its weight-statistics table sorted by step, without rows where the update is still zero (l2 = 0,
+    e.g. after a first step at learning rate 0). A path is a run directory (its dynamics/weight_stats.parquet is
+    read), a dynamics/ directory, or a .parquet/.csv table."""
     runs = {}
     for path in map(Path, paths):
         if path.is_dir():
@@ -47,7 +48,10 @@ def load_runs(paths: list[str]) -> dict[str, pd.DataFrame]:
         name = path.name if path.is_dir() else (path.parent.parent.name if path.parent.name == "dynamics" else path.stem)
         if name in runs:
             raise InputError(f"{path}: a second run named {name!r}; give each run its own directory name")
-        runs[name] = read_table(table_path).sort_values("step").reset_index(drop=True)
+        table = read_table(table_path)
+        if "l2" in table:  # an adapter's zero update before its first effective step: its ratios are undefined
+            table = table[table.l2 != 0]
+        runs[name] = table.sort_values("step").reset_index(drop=True)
     return runs
 
 
