@@ -83,7 +83,7 @@ def run_example(out: str | Path, img: str | Path | None = None, quick: bool = Fa
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = (cpu.ru_utime + cpu.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
 
-    result = fit_runs([str(d) for d in dirs.values()], out / "hmm", FitArguments(test_fraction=0.34))
+    result = fit_runs([str(d) for d in dirs.values()], out / "hmm", FitArguments(test_fraction=0.34, window=6, tolerance=0.2))
     label = {d.name: name for name, d in dirs.items()}
     method_of = {d.name: runs[name][0] for name, d in dirs.items()}
     states = result["states"].assign(method=lambda t: t.run.map(method_of))
@@ -120,7 +120,7 @@ def run_example(out: str | Path, img: str | Path | None = None, quick: bool = Fa
         "## Fraction of checkpoints in each state", "", occupancy.to_markdown(floatfmt=".2f"), "",
         "## State sequences", "", (out / "hmm" / "summary.md").read_text().split("## State sequences")[1].split("## Observed")[0].strip(), "",
         "## Transitions", "", result["transitions"][["source", "target", "count", "top_features"]].to_markdown(index=False), "",
-        "## Convergence step (loss within 10% of its total change)", "", convergence.to_markdown(index=False), "",
+        "## Convergence step (loss, rolling mean over 6 checkpoints, within 20% of its total change of its final value)", "", convergence.to_markdown(index=False), "",
         "## Detours (convergence step ~ visited states)", "", result["detours"].to_markdown(index=False, floatfmt=".3g"),
         f"\nR² {result['fit']['r2']:.3g}, determined: {result['fit']['determined']}", "",
         "## LLC per step (mean ± sd over seeds)", "", _per_method(llc, "llc_mean").to_markdown(index=False), "",

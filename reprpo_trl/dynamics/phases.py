@@ -31,6 +31,7 @@ class FitArguments:
     features: str = field(default="", metadata={"help": "Extra columns to model besides the weight statistics, comma-separated (e.g. loss)."})  # fmt: skip
     metric: str = field(default="loss", metadata={"help": "Curve plotted by state and used for the convergence step."})
     tolerance: float = field(default=0.1, metadata={"help": "Converged: within this fraction of the total change of the final value."})  # fmt: skip
+    window: int = field(default=3, metadata={"help": "Rolling-mean window (checkpoints) over the metric before the convergence test."})  # fmt: skip
     seed: int = field(default=0, metadata={"help": "Seed of the run split and the restarts."})
 
     def __post_init__(self):
@@ -40,6 +41,8 @@ class FitArguments:
             raise InputError(f"max_states={self.max_states} must lie in 1..20")
         if self.restarts < 1:
             raise InputError(f"restarts={self.restarts} must be >= 1")
+        if self.window < 1:
+            raise InputError(f"window={self.window} must be >= 1")
         if not 0 <= self.test_fraction < 1:
             raise InputError(f"test_fraction={self.test_fraction} must lie in [0, 1)")
 
@@ -66,7 +69,7 @@ def fit_runs(paths: list[str], out: str | Path, args: FitArguments) -> dict:
     hmm.order_states(model, data)
     states = hmm.decode(model, runs, data)
     moves = hmm.transitions(states, model, features)
-    converged = {name: hmm.convergence_step(table, args.metric, args.tolerance) for name, table in runs.items()}
+    converged = {name: hmm.convergence_step(table, args.metric, args.tolerance, args.window) for name, table in runs.items()}
     detours, fit = hmm.detours(states, converged, n_states)
 
     write_table(selection.table, out / "model_selection")
@@ -101,7 +104,8 @@ def fit_runs(paths: list[str], out: str | Path, args: FitArguments) -> dict:
         "",
         _markdown(moves[["source", "target", "count", "top_features"]]) if len(moves) else "No transitions: every run stays in one state.",
         "",
-        f"## Convergence and detours ({args.metric} within {args.tolerance:.0%} of its total change)",
+        f"## Convergence and detours ({args.metric}, rolling mean over {args.window}, within {args.tolerance:.0%} of its "
+        "total change of its final value)",
         "",
         _markdown(pd.DataFrame({"run": list(converged), "convergence_step": list(converged.values())})),
         "",
