@@ -46,13 +46,16 @@ def plot_llc(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], path, colors: d
 
 def plot_model_selection(table: pd.DataFrame, selected: tuple[int, str], path) -> Path:
     """Test log-likelihood per observation, AIC and BIC against the number of states, one line per covariance
-    type; the selected model circled."""
+    type; models that were not eligible crossed, the selected one circled."""
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     titles = ("Test log-likelihood per observation (higher: better)", "AIC on train runs (lower: better)",
               "BIC on train runs (lower: better)")  # fmt: skip
     for axis, column, title in zip(axes, ("test_ll_per_obs", "aic", "bic"), titles):
         for covariance, rows in table.groupby("covariance"):
             axis.plot(rows.n_states, rows[column], marker="o", label=f"{covariance} covariance")
+        excluded = table[~(table.identifiable & table.generalises)]
+        axis.scatter(excluded.n_states, excluded[column], marker="x", s=40, color="k", zorder=3,
+                     label="not eligible (parameters ≥ observations,\nor held-out fit below 1 state)")  # fmt: skip
         chosen = table[(table.n_states == selected[0]) & (table.covariance == selected[1])]
         axis.scatter(chosen.n_states, chosen[column], s=180, facecolors="none", edgecolors="k", label="selected")
         values = table[column].abs().replace(0, np.nan).dropna()
@@ -61,8 +64,9 @@ def plot_model_selection(table: pd.DataFrame, selected: tuple[int, str], path) -
         axis.set(xlabel="number of hidden states", title=title)
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle("HMM model selection", y=1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.1), frameon=False, fontsize=8)
+    figure.suptitle("HMM model selection (selected: lowest BIC among eligible models)", y=1.02)
     return _save(figure, path)
 
 
