@@ -3,7 +3,9 @@
 A measurement is taken at the end of an optimizer step (after the update) when the step is a save or evaluation
 step, or a multiple of `every` (> 0), and always at the last step. It is written once the step's logs exist (at
 the next step's end, or when training ends), joined with the latest train loss terms and eval metrics
-(`step_metrics`). Only the main process measures and writes; every table is rewritten atomically.
+(`step_metrics`). Only the main process writes, every table rewritten atomically; weight statistics are measured
+on it alone, the LLC on every process (the trainer's loss gathers metrics across processes, which would hang if
+only one process ran it).
 """
 
 import contextlib

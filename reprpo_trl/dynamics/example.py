@@ -88,6 +88,7 @@ def run_example(out: str | Path, img: str | Path | None = None, quick: bool = Fa
     method_of = {d.name: runs[name][0] for name, d in dirs.items()}
     states = result["states"].assign(method=lambda t: t.run.map(method_of))
     weights = pd.concat([read_table(d / DYNAMICS_DIR / "weight_stats.parquet").assign(run=d.name) for d in dirs.values()])
+    weights = weights[weights.l2 != 0]  # the first step runs at warm-up learning rate 0: no update yet
     weights["method"] = weights.run.map(method_of)
     weights["dpo_loss"] = weights["loss/dpo"].fillna(weights["loss"]) if "loss/dpo" in weights else weights["loss"]
     llc = pd.concat([rediagnose(read_table(d / DYNAMICS_DIR / "llc.parquet"), read_table(d / DYNAMICS_DIR / "llc_traces.parquet"))
@@ -97,7 +98,8 @@ def run_example(out: str | Path, img: str | Path | None = None, quick: bool = Fa
     plot_llc({label[d.name]: (weights[weights.run == d.name][["step", "loss"]], llc[llc.run == d.name]) for d in dirs.values()},
              out / "llc.png", colors={label[d.name]: COLORS[method_of[d.name]] for d in dirs.values()})  # fmt: skip
     plot_weight_stats(weights, ("dpo_loss", "l2", "spectral", "code_sparsity", "computational_sparsity", "sv_var"),
-                      out / "weight_stats.png", COLORS)  # fmt: skip
+                      out / "weight_stats.png", COLORS,
+                      f"Weight statistics of the LoRA update, averaged over its {int(weights.n_matrices.iloc[0])} matrices")  # fmt: skip
     shutil.copy(out / "hmm" / "model_selection.png", out / "model_selection.png")
     shutil.copy(out / "hmm" / "states.png", out / "states.png")
     shutil.copy(out / "hmm" / "transitions.png", out / "transitions.png")

@@ -5,7 +5,8 @@ Dynamics"): a Gaussian HMM over each run's per-checkpoint weight statistics.
     fit hmmlearn GaussianHMM, 1..max_states states, diag and/or full covariance, `restarts` seeded starts each
         on the train runs; keep the start with the best train log-likelihood
     select the number of states (and covariance type) with the lowest BIC on the train runs, among the eligible
-        models: fewer free parameters than train observations (when none has, this is dropped) and, when there
+        models: fewer free parameters than scalar train observations (rows x features; when none has, this is
+        dropped) and, when there
         are test runs, a test log-likelihood at least that of the simplest model fitted (1 state, diag when fitted: no phases,
         independent features) -- a full covariance fitted to a few runs of collinear statistics can have a
         high train likelihood and BIC yet predict held-out runs far worse than no model of phases at all
@@ -131,7 +132,7 @@ def fit_models(data: dict[str, np.ndarray], train: list[str], test: list[str], m
     table = pd.DataFrame(rows)
     if table.empty:
         raise InputError("no HMM could be fitted: every restart failed; give more checkpoints per run or fewer states")
-    table["identifiable"] = table.n_params < len(x_train)
+    table["identifiable"] = table.n_params < x_train.size  # scalar observations, as hmmlearn counts them
     table["generalises"] = True
     if test:  # a model that predicts held-out runs worse than "no phases, independent features" has overfitted
         simplest = table.sort_values(["n_states", "covariance"]).iloc[0]

@@ -90,7 +90,7 @@ def fit_runs(paths: list[str], out: str | Path, args: FitArguments) -> dict:
         f"{len(states)} checkpoints; {len(features)} features, z-scored within each run: {', '.join(features)}.",
         "",
         f"**Selected: {n_states} states, {covariance} covariance** (lowest BIC on the train runs among the eligible "
-        "models: fewer parameters than train observations, test log-likelihood not below the simplest model's).",
+        "models: fewer parameters than scalar train observations, test log-likelihood not below the simplest model's).",
         "",
         "## Model selection",
         "",

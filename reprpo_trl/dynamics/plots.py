@@ -16,6 +16,11 @@ from matplotlib.patches import FancyArrowPatch  # noqa: E402
 from ..io import atomic_write_bytes  # noqa: E402
 
 STATE_COLORS = plt.get_cmap("tab10").colors
+TITLES = {  # panel titles of weight-statistic columns
+    "dpo_loss": "DPO loss (ReprPO: its DPO term)", "l2": "l2: Frobenius norm of ΔW", "spectral": "spectral norm of ΔW",
+    "code_sparsity": "code sparsity l1 / l2", "computational_sparsity": "computational sparsity trace / spectral",
+    "sv_var": "variance of singular values",
+}  # fmt: skip
 
 
 def _save(figure, path) -> Path:
@@ -55,7 +60,7 @@ def plot_model_selection(table: pd.DataFrame, selected: tuple[int, str], path) -
             axis.plot(rows.n_states, rows[column], marker="o", label=f"{covariance} covariance")
         excluded = table[~(table.identifiable & table.generalises)]
         axis.scatter(excluded.n_states, excluded[column], marker="x", s=40, color="k", zorder=3,
-                     label="not eligible (parameters ≥ observations,\nor held-out fit below 1 state)")  # fmt: skip
+                     label="not eligible (parameters ≥ scalar observations,\nor held-out fit below 1 state)")  # fmt: skip
         chosen = table[(table.n_states == selected[0]) & (table.covariance == selected[1])]
         axis.scatter(chosen.n_states, chosen[column], s=180, facecolors="none", edgecolors="k", label="selected")
         values = table[column].abs().replace(0, np.nan).dropna()
@@ -146,7 +151,7 @@ def plot_traces(traces: dict[str, tuple[pd.DataFrame, dict]], path, expected: di
     return _save(figure, path)
 
 
-def plot_weight_stats(table: pd.DataFrame, columns: tuple[str, ...], path, colors: dict[str, str]) -> Path:
+def plot_weight_stats(table: pd.DataFrame, columns: tuple[str, ...], path, colors: dict[str, str], title: str) -> Path:
     """One panel per column against step: every run thin, the mean over a method's runs thick."""
     n_cols = 3
     n_rows = math.ceil(len(columns) / n_cols)
@@ -157,12 +162,12 @@ def plot_weight_stats(table: pd.DataFrame, columns: tuple[str, ...], path, color
         for method, rows in table.groupby("method"):
             mean = rows.groupby("step")[column].mean()
             axis.plot(mean.index, mean.values, color=colors[method], lw=2.2, label=f"{method} (mean over seeds)")
-        axis.set(title=column, xlabel="optimizer step")
+        axis.set(title=TITLES.get(column, column), xlabel="optimizer step")
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(columns) :]:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.03), frameon=False)
-    figure.suptitle("Weight statistics of the LoRA update (thin: one seed)", y=1.0)
+    figure.suptitle(f"{title} (thin: one seed)", y=1.0)
     figure.tight_layout()
     return _save(figure, path)
