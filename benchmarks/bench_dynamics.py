@@ -4,8 +4,10 @@ without it, in the same process, alternating the two `--repeats` times; the medi
 Both arms train TRL's own DPOTrainer as recipes/dpo.yaml does (LoRA r16 on q,k,v,o,gate,up,down; 8 pairs x 2
 accumulation per optimizer step, max_length 128) on the same data and seed; the
 callback computes the statistics of every LoRA update s*B*A (210 matrices of up to 1536 x 576 on SmolLM2-135M).
-Also reported: the callback's own seconds per collection (its `seconds` column) as a fraction of the
-`--every` steps it covers, which the machine's load disturbs less than a ratio of two runs.
+Reported per repeat and as medians: the wall-time ratio, the process CPU-time ratio (on a shared machine whose load
+changes between the two arms the CPU time is the steadier measure; with one thread it is what a dedicated core's
+wall time would be), and the callback's own seconds per collection (its `seconds` column) as a fraction of the wall
+time of the `--every` steps it covers.
 
     python benchmarks/bench_dynamics.py [--model embedded/SmolLM2-135M-Instruct] [--steps 20] [--batch 8]
                                         [--accumulation 2] [--every 10] [--repeats 3] [--threads N]
@@ -47,11 +49,11 @@ def timed_run(args, with_callback: bool) -> tuple[float, pd.DataFrame | None]:
         trainer = build(args.model, args.steps, args.batch, args.accumulation, out)
         if with_callback:
             trainer.add_callback(WeightStatsCallback(trainer, every=args.every))
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         trainer.train()
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         table = pd.read_parquet(f"{out}/dynamics/weight_stats.parquet") if with_callback else None
-    return seconds, table
+    return seconds, cpu_seconds, table
 
 
 def main():
@@ -66,23 +68,24 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ratios, fractions = [], []
+    ratios, cpu_ratios, fractions = [], [], []
     for repeat in range(args.repeats):
         order = (False, True) if repeat % 2 == 0 else (True, False)  # alternate which arm runs first
-        seconds = {}
+        wall, cpu = {}, {}
         for with_callback in order:
-            seconds[with_callback], table = timed_run(args, with_callback)
+            wall[with_callback], cpu[with_callback], table = timed_run(args, with_callback)
             if with_callback:
                 collections = table.seconds
-        ratios.append(seconds[True] / seconds[False])
-        step = seconds[False] / args.steps
-        fractions.append(collections.median() / (args.every * step))
-        print(f"repeat {repeat}: without {seconds[False]:.1f} s, with {seconds[True]:.1f} s, ratio {ratios[-1]:.3f}; "
-              f"{len(collections)} collections, median {collections.median():.2f} s = {fractions[-1]:.2%} of {args.every} steps",
-              flush=True)  # fmt: skip
-    print(f"\nmedian over {args.repeats} repeats ({torch.get_num_threads()} threads, {args.steps} steps, batch {args.batch}, "
-          f"x {args.accumulation} accumulation, one collection per {args.every} steps): time ratio {statistics.median(ratios):.3f}, "
-          f"collection cost {statistics.median(fractions):.2%} of the steps it covers")  # fmt: skip
+        ratios.append(wall[True] / wall[False])
+        cpu_ratios.append(cpu[True] / cpu[False])
+        fractions.append(collections.median() / (args.every * wall[True] / args.steps))
+        print(f"repeat {repeat}: wall without {wall[False]:.1f} s, with {wall[True]:.1f} s, ratio {ratios[-1]:.3f}; "
+              f"CPU without {cpu[False]:.1f} s, with {cpu[True]:.1f} s, ratio {cpu_ratios[-1]:.3f}; {len(collections)} "
+              f"collections, median {collections.median():.2f} s = {fractions[-1]:.2%} of {args.every} steps", flush=True)  # fmt: skip
+    print(f"\nmedian over {args.repeats} repeats ({torch.get_num_threads()} threads, {args.steps} steps, batch {args.batch} "
+          f"x {args.accumulation} accumulation, one collection per {args.every} steps): wall-time ratio "
+          f"{statistics.median(ratios):.3f}, CPU-time ratio {statistics.median(cpu_ratios):.3f}, collection "
+          f"{statistics.median(fractions):.2%} of the wall time of the steps it covers")  # fmt: skip
 
 
 if __name__ == "__main__":
