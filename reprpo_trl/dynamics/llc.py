@@ -28,11 +28,13 @@ from ..errors import InputError
 
 @dataclass
 class LLCArguments:
-    """SGLD settings of the LLC estimate (devinterp's `llc()`), as YAML keys and flags."""
+    """SGLD settings of the LLC estimate (devinterp's `llc()`), as YAML keys and flags. The defaults (eps 3e-4,
+    n_beta 100, gamma 1000) are those docs/dynamics.md's example checked on the embedded model's DPO loss; check
+    the traces (`bounded`) on any other model or loss."""
 
-    llc_epsilon: float = field(default=1e-5, metadata={"help": "SGLD step size eps."})
+    llc_epsilon: float = field(default=3e-4, metadata={"help": "SGLD step size eps."})
     llc_nbeta: float | None = field(
-        default=None, metadata={"help": "Inverse temperature n*beta; default n / log(n) with n the probe pairs."}
+        default=100.0, metadata={"help": "Inverse temperature n*beta; unset (null): n / log(n), n the probe pairs."}
     )
     llc_gamma: float = field(default=1000.0, metadata={"help": "Localisation gamma: pull of the chain toward w*."})
     llc_chains: int = field(default=2, metadata={"help": "Independent SGLD chains."})
