@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench dynamics-example clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_trainers.py
 	$(BIN)/python benchmarks/bench_ia2.py
+	$(BIN)/python benchmarks/bench_dynamics.py
+
+dynamics-example: install
+	$(BIN)/reprpo-dynamics example --out outputs/dynamics_example --img docs/img
 
 clean:
 	rm -rf $(VENV) outputs

@@ -22,6 +22,7 @@ from trl import ModelConfig, TrlParser
 from .adapters import AdapterArguments, build_peft_config, check_combination, flatten_section
 from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
 from .data.loading import local_format
+from .dynamics.callbacks import DynamicsArguments, attach_dynamics
 from .errors import InputError, command
 from .eval import load_shift_spec
 from .eval.callback import ShiftEvalCallback
@@ -52,8 +53,9 @@ TRAINERS = {
 
 
 @dataclass
-class RunArguments:
-    """What to train on, and with which trainer."""
+class RunArguments(DynamicsArguments):
+    """What to train on, and with which trainer; the training-dynamics keys (weight_stats, llc, ...) come from
+    reprpo_trl.dynamics."""
 
     trainer: str = field(default="reprpo", metadata={"help": f"Trainer: one of {sorted(TRAINERS)}."})
     train_dataset: str = field(
@@ -79,6 +81,7 @@ class RunArguments:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         for name, spec in (("max_train_samples", self.train_dataset), ("max_eval_samples", self.eval_dataset)):
             n = getattr(self, name)
             if n is not None and n < 1:
@@ -227,8 +230,9 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
         examples, pool = load_icl_task(run_args.train_dataset, "train", n=run_args.max_train_samples,
                                        pool_size=run_args.demo_pool_size, seed=train_args.seed)  # fmt: skip
         peft_config = None if train_args.init_adapter else build_peft_config(adapter_args, model)  # a2t/t2a: its own
-        return trainer_class(model, args=train_args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer,
-                             peft_config=peft_config)  # fmt: skip
+        trainer = trainer_class(model, args=train_args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer,
+                                peft_config=peft_config)  # fmt: skip
+        return attach_dynamics(trainer, run_args)
     datasets = load_data(run_args, train_args, tokenizer)
     trainer = trainer_class(
         model,
@@ -245,7 +249,7 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
                 batch_size=train_args.per_device_eval_batch_size, seed=train_args.seed,
             )
         )  # fmt: skip
-    return trainer
+    return attach_dynamics(trainer, run_args)
 
 
 def _recipe_path(argv: list[str] | None) -> str | None:
