@@ -4,7 +4,8 @@
     accelerate launch --config_file accelerate_configs/ddp.yaml -m reprpo_trl.train --config recipes/...
 
 The recipe's `trainer` key picks the trainer and so the config class whose fields it may set:
-`dpo` (TRL's own DPOTrainer, the baseline), `reprpo`, `projgrad`, `projbp`. Model keys are TRL's ModelConfig
+`dpo` (TRL's own DPOTrainer, the baseline), `reprpo`, `projgrad`, `projbp`, `ia2`, and `sft` (TRL's own SFTTrainer on
+instruction data such as Commonsense-170K, the PEFT-baselines study). Model keys are TRL's ModelConfig
 (model_name_or_path, dtype, ...); the `adapter:` section is `AdapterArguments` (reprpo_trl.adapters); data keys
 are `RunArguments` below.
 """
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
+from trl import DPOConfig, DPOTrainer, ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from .adapters import AdapterArguments, build_peft_config, check_combination, flatten_section
-from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
+from .data import check_truncation, load_preference_dataset, load_sft_dataset, on_disk, to_conversational
 from .eval import load_shift_spec
 from .eval.callback import ShiftEvalCallback
 from .models import resolve_model
@@ -40,6 +41,7 @@ TRAINERS = {
     "projgrad": (ProjGradConfig, ProjGradTrainer),
     "projbp": (ProjBPConfig, ProjBPTrainer),
     "ia2": (IA2Config, IA2Trainer),
+    "sft": (SFTConfig, SFTTrainer),
 }
 
 
@@ -51,7 +53,8 @@ class RunArguments:
     train_dataset: str = field(
         default="suite:add_small:train",
         metadata={"help": "Dataset spec: suite:<family>:<split>, a local parquet/json/csv, or <hub id>[:config[:split]]. "
-                  "For trainer ia2 an ICL task: suite:<task>, sst2, agnews, gsm8k, sciq or a local file."},
+                  "For trainer ia2 an ICL task: suite:<task>, sst2, agnews, gsm8k, sciq or a local file. For trainer sft "
+                  "instruction rows (instruction/input/output): suite:commonsense:<split>, commonsense_170k, a file or a hub id."},
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Dataset spec for evaluation during training."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
@@ -118,11 +121,15 @@ def load_data(run_args: RunArguments, train_args, tokenizer):
     ):
         if spec is None:
             continue
-        dataset = load_preference_dataset(spec, n=n, seed=train_args.seed)
+        load = load_sft_dataset if run_args.trainer == "sft" else load_preference_dataset
+        dataset = load(spec, n=n, seed=train_args.seed)
+        if run_args.conversational and run_args.trainer == "sft":
+            raise ValueError("conversational: true turns preference pairs into chat messages; trainer sft trains on the "
+                             "Alpaca prompt of instruction rows. Remove conversational from the recipe.")  # fmt: skip
         if run_args.conversational and isinstance(dataset[0]["prompt"], str):
             dataset = dataset.map(to_conversational, desc=f"Chat format for {spec}")
         fraction = check_truncation(dataset, tokenizer, train_args.max_length, run_args.max_truncated_fraction, spec)
-        print(f"{split} dataset {spec}: {len(dataset)} pairs, {fraction:.1%} longer than max_length")
+        print(f"{split} dataset {spec}: {len(dataset)} rows, {fraction:.1%} longer than max_length")
         with train_args.main_process_first(desc=f"saving {spec}"):
             datasets[split] = on_disk(dataset)
     return datasets

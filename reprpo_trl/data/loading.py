@@ -64,11 +64,15 @@ def validate_preferences(dataset: Dataset, name: str) -> None:
 
 
 def truncated_fraction(dataset: Dataset, tokenizer, max_length: int | None) -> float:
-    """Fraction of pairs whose prompt + chosen or prompt + rejected exceeds `max_length` tokens."""
+    """Fraction of pairs whose prompt + chosen or prompt + rejected exceeds `max_length` tokens (for
+    prompt/completion rows: prompt + completion + EOS)."""
     if max_length is None or len(dataset) == 0:
         return 0.0
     over = 0
     for row in dataset:
+        if "completion" in row:
+            over += len(tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]) > max_length
+            continue
         ids = tokenize_pair(row, tokenizer)
         over += len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])) > max_length
     return over / len(dataset)
