@@ -108,10 +108,14 @@ def markdown_table(summary: pd.DataFrame, metric: str, digits: int) -> str:
     return table.fillna("").rename_axis("method").to_markdown(disable_numparse=True)  # keep the digits asked for
 
 
-def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
-    """Grouped bars (one group per shift or task, one bar per method) with 95% intervals, one panel per metric; PNG."""
+def plot(summary: pd.DataFrame, metrics: dict = METRICS, stacked: bool = False) -> bytes:
+    """Grouped bars (one group per shift or task, one bar per method) with 95% intervals, one panel per metric
+    (side by side, or `stacked` full-width panels for many groups such as benchmarks); PNG."""
     labels, shifts = _order(summary)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
+    if stacked:
+        fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 1.0 * len(shifts) + 2), 3.4 * len(metrics) + 0.8))
+    else:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
     colors = dict(zip(labels, plt.get_cmap("tab10").colors))
     for ax, (metric, (*_, title)) in zip(axes, metrics.items()):
         part = summary[summary.metric == metric].set_index(["label", "shift"])
@@ -121,7 +125,10 @@ def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
             rows = part.loc[label].reindex(shifts)
             x = np.arange(len(shifts)) + (i - (len(present) - 1) / 2) * width
             ax.bar(x, rows["mean"], width, yerr=rows.ci95.fillna(0), capsize=3, label=label, color=colors[label])
-        ax.set_xticks(np.arange(len(shifts)), [s.replace("_", "\n") for s in shifts])
+        if stacked:
+            ax.set_xticks(np.arange(len(shifts)), shifts, rotation=20, ha="right", fontsize=9)
+        else:
+            ax.set_xticks(np.arange(len(shifts)), [s.replace("_", "\n") for s in shifts])
         ax.set_title(title, fontsize=10)
         if metric.endswith("gain_pp"):
             ax.axhline(0, color="black", lw=0.8)
@@ -133,7 +140,7 @@ def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
             ax.set_ylim(0, 1)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 if stacked else 0.07, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
@@ -160,7 +167,7 @@ def mc_section(results: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[Pa
              "![mc](mc.png)", ""]  # fmt: skip
     for metric, (*_, heading) in MC_METRICS.items():
         lines += [f"### {heading}", "", markdown_table(summary, metric, 1 if metric.endswith("pp") else 3), ""]
-    atomic_write_bytes(out_dir / "mc.png", plot(summary, {k: MC_METRICS[k] for k in ("mc_acc", "mc_gain_pp")}))
+    atomic_write_bytes(out_dir / "mc.png", plot(summary, {k: MC_METRICS[k] for k in ("mc_acc", "mc_gain_pp")}, stacked=True))
     atomic_write_text(out_dir / "mc_summary.csv", summary.to_csv(index=False))
     return lines, [out_dir / "mc_summary.csv", out_dir / "mc.png"]
 

@@ -30,6 +30,7 @@ from .eval import SELECTION_SHIFT, load_shift_spec
 from .evaluate import BASE_LABEL, evaluate_models
 from .io import write_table
 from .provenance import RUN_RECORD
+from .report import load_results, write_report
 
 
 @dataclass
@@ -206,8 +207,6 @@ def selection_notes(grid: Grid, scores: pd.Series, selected: pd.DataFrame) -> st
 def report(grid: Grid) -> list[Path]:
     """Select on validation (when the grid has several learning rates) and write the report of the selected runs
     to <output_dir>/report/."""
-    from .report import load_results, write_report
-
     missing = [run.id for run in runs(grid) if not run.result.exists()]
     if missing:
         raise RuntimeError(f"sweep {grid.config!r}: {len(missing)} run(s) not finished, e.g. {missing[:3]}; run them first")

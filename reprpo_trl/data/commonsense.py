@@ -18,15 +18,14 @@ held-out multiple-choice documents the package's lm-eval tasks (reprpo_trl/mc_ta
 """
 
 import random
-from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
+from .loading import load_file_or_hub
 from .suite import CAPITALS, SPLITS, _split_of
 
 COMMONSENSE_170K = "zwhe99/commonsense_170k"
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
-_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 _PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
            "### Instruction:\n{instruction}\n\n### Response:\n")  # fmt: skip
@@ -208,14 +207,9 @@ def load_sft_dataset(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
         if name != "commonsense":
             raise ValueError(f"instruction dataset {spec!r}: the offline suite for trainer sft is suite:commonsense:<split>")
         dataset = make_commonsense(split, n=n or 700, seed=seed)
-    elif Path(spec).suffix in _FILE_FORMATS:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"instruction dataset file {spec!r} does not exist")
-        dataset = load_dataset(_FILE_FORMATS[Path(spec).suffix], data_files=spec, split="train")
     else:
-        hub_id, config, split = (spec.split(":", 2) + [None, None])[:3]
-        hub_id = COMMONSENSE_170K if hub_id == "commonsense_170k" else hub_id
-        dataset = load_dataset(hub_id, config or None, split=split or "train")
+        hub_spec = COMMONSENSE_170K + spec.removeprefix("commonsense_170k") if spec.split(":")[0] == "commonsense_170k" else spec
+        dataset = load_file_or_hub(hub_spec, "instruction dataset")
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
     validate_instructions(dataset, spec)

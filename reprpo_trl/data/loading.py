@@ -26,17 +26,22 @@ def load_preference_dataset(spec: str, n: int | None = None, seed: int = 0) -> D
     if spec.startswith("suite:"):
         _, family, split = (spec.split(":") + ["train"])[:3]
         dataset = make_family(family, split, n=n or 600, seed=seed)
-    elif Path(spec).suffix in _FILE_FORMATS:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"preference dataset file {spec!r} does not exist")
-        dataset = load_dataset(_FILE_FORMATS[Path(spec).suffix], data_files=spec, split="train")
     else:
-        hub_id, config, split = (spec.split(":", 2) + [None, None])[:3]
-        dataset = load_dataset(hub_id, config or None, split=split or "train")
+        dataset = load_file_or_hub(spec, "preference dataset")
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
     validate_preferences(dataset, spec)
     return dataset
+
+
+def load_file_or_hub(spec: str, kind: str) -> Dataset:
+    """A local .parquet/.json/.jsonl/.csv file, or `<hub id>[:config[:split]]` (split default train)."""
+    if Path(spec).suffix in _FILE_FORMATS:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"{kind} file {spec!r} does not exist")
+        return load_dataset(_FILE_FORMATS[Path(spec).suffix], data_files=spec, split="train")
+    hub_id, config, split = (spec.split(":", 2) + [None, None])[:3]
+    return load_dataset(hub_id, config or None, split=split or "train")
 
 
 def _is_empty(value) -> bool:
