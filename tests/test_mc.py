@@ -40,12 +40,12 @@ def choice_logprobs(model, tokenizer, context: str) -> list[float]:
 
 
 def reference_scores(model, tokenizer, docs) -> dict:
-    """acc and acc_norm (log-likelihood per byte of the choice) of `docs` under `model`, computed here."""
+    """acc and acc_norm (log-likelihood per character of the choice) of `docs` under `model`, computed here."""
     acc = norm = 0
     for doc in docs:
         ll = choice_logprobs(model, tokenizer, doc["query"])
         acc += max(range(2), key=lambda j: ll[j]) == doc["gold"]
-        norm += max(range(2), key=lambda j: ll[j] / len(CHOICES[j].encode())) == doc["gold"]
+        norm += max(range(2), key=lambda j: ll[j] / len(CHOICES[j])) == doc["gold"]
     return {"acc": acc / len(docs), "acc_norm": norm / len(docs)}
 
 

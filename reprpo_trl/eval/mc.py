@@ -3,7 +3,7 @@
 lm-eval's `HFLM` wraps the model object (no reload): for every document and choice c_j it computes the
 log-likelihood of the choice after the context, ll_j = sum_t log p(c_j,t | context, c_j,<t), and reports
     acc      = mean over documents of [argmax_j ll_j == gold]
-    acc_norm = mean over documents of [argmax_j ll_j / len_bytes(c_j) == gold]   (where the task defines it)
+    acc_norm = mean over documents of [argmax_j ll_j / len(c_j) == gold]   (len in characters; where the task defines it)
 with lm-eval's standard errors. Tasks are lm-eval task names (its own registry, the package's offline
 `cs_suite*` tasks in reprpo_trl/mc_tasks, and any --include_path directory of task YAMLs).
 
