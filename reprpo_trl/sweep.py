@@ -7,13 +7,15 @@
 Every run of the grid is parsed as reprpo-train would parse it before the first one trains, so an unknown
 trainer, key or value in any recipe fails at once. A run is finished when its eval.parquet exists (written
 atomically after training, which leaves its run record last), so re-running skips finished runs and resumes after
-any interruption. The learning rate of each method is chosen by mean accuracy over seeds on the spec's
-`validation` shift, which is never reported; the report then shows the selected runs only and says what was
-selected on which data.
+any interruption. With several learning rates, the one of each method is chosen by mean accuracy over seeds on
+the spec's `validation` shift, which is never reported; the report then shows the selected runs only and says
+what was selected on which data. Without `learning_rates`, each method trains at its recipe's own learning rate
+and nothing is selected.
 
-Grid YAML keys: output_dir, methods (name -> training recipe), seeds, learning_rates, train_overrides (flags
-for every reprpo-train run), shifts (a shift spec with a `validation` shift), eval_samples, eval_batch_size,
-eval_seed.
+Grid YAML keys: output_dir, methods (name -> training recipe), seeds, learning_rates (optional), train_overrides
+(flags for every reprpo-train run), shifts (a shift spec with a `validation` shift; the preference evaluation),
+eval_samples, eval_batch_size, eval_seed, and the multiple-choice evaluation through lm-eval (reprpo-eval mc):
+mc_tasks, mc_include_path, mc_num_fewshot, mc_limit, mc_batch_size. A grid evaluates with shifts, mc_tasks or both.
 """
 
 import argparse
@@ -39,12 +41,17 @@ class Grid:
     output_dir: str
     methods: dict[str, str]
     seeds: list[int]
-    learning_rates: list[float]
-    shifts: str
+    learning_rates: list[float] = field(default_factory=list)
+    shifts: str | None = None
     train_overrides: dict = field(default_factory=dict)
     eval_samples: int = 200
     eval_batch_size: int = 16
     eval_seed: int = 0
+    mc_tasks: list[str] = field(default_factory=list)
+    mc_include_path: list[str] = field(default_factory=list)
+    mc_num_fewshot: int | None = None
+    mc_limit: float | None = None
+    mc_batch_size: int = 16
     config: str = ""
 
 
@@ -80,25 +87,46 @@ def load_grid(path: str) -> Grid:
         raise InputError(f"sweep grid {path!r}: {error}") from None
     for key, kind in (("methods", dict), ("seeds", list), ("learning_rates", list), ("train_overrides", dict)):
         value = getattr(grid, key)
-        if not isinstance(value, kind) or (not value and key != "train_overrides"):
+        if not isinstance(value, kind) or (not value and key not in ("train_overrides", "learning_rates")):
             raise InputError(f"sweep grid {path!r}: {key} must be a non-empty YAML {'mapping' if kind is dict else 'list'}")
     for name, recipe in grid.methods.items():
         if not Path(str(recipe)).is_file():
             raise InputError(f"sweep grid {path!r}: recipe {recipe!r} of method {name!r}: no such file")
-    if SELECTION_SHIFT not in load_shift_spec(grid.shifts):
+    if grid.shifts is None and not grid.mc_tasks:
+        raise InputError(f"sweep grid {path!r} evaluates nothing: give shifts (preference accuracy) and/or mc_tasks (lm-eval)")
+    if grid.shifts is not None and SELECTION_SHIFT not in load_shift_spec(grid.shifts):
         raise InputError(f"sweep grid {path!r}: shift spec {grid.shifts!r} needs a {SELECTION_SHIFT!r} shift for model selection")
     try:
         grid.learning_rates = [float(lr) for lr in grid.learning_rates]
     except (TypeError, ValueError):
         raise InputError(f"sweep grid {path!r}: learning_rates {grid.learning_rates} must all be numbers") from None
+    if grid.shifts is None and len(grid.learning_rates) > 1:
+        raise InputError(f"sweep grid {path!r}: choosing among {len(grid.learning_rates)} learning_rates needs shifts with a "
+                         f"{SELECTION_SHIFT!r} shift; benchmarks are reported, never used to select. Give shifts or one learning rate.")  # fmt: skip
+    if not grid.learning_rates:
+        for name, recipe in grid.methods.items():
+            recipe_learning_rate(grid, recipe, name)
+    if grid.mc_tasks:
+        from .eval.mc import check_tasks, task_manager
+
+        check_tasks(grid.mc_tasks, task_manager(grid.mc_include_path))
     return grid
+
+
+def recipe_learning_rate(grid: Grid, recipe: str, name: str = "") -> float:
+    """The learning rate a method trains at when the grid names none: train_overrides', else its recipe's."""
+    value = grid.train_overrides.get("learning_rate", read_yaml(recipe, "recipe").get("learning_rate"))
+    if value is None:
+        raise InputError(f"sweep grid {grid.config!r}: recipe {recipe!r} of method {name!r} names no learning_rate; "
+                         "set it there or give the grid learning_rates")  # fmt: skip
+    return float(value)
 
 
 def runs(grid: Grid) -> list[Run]:
     return [
         Run(method, recipe, lr, seed, Path(grid.output_dir) / "runs" / method / f"lr{lr:g}" / f"seed{seed}")
         for method, recipe in grid.methods.items()
-        for lr in grid.learning_rates
+        for lr in grid.learning_rates or [recipe_learning_rate(grid, recipe, method)]
         for seed in grid.seeds
     ]
 
@@ -133,10 +161,22 @@ def validate(grid: Grid) -> None:
 
 
 def _evaluate(grid: Grid, models: list[str], labels: list[str], include_base: bool) -> pd.DataFrame:
-    return evaluate_models(
-        base_model(grid), models, load_shift_spec(grid.shifts), n=grid.eval_samples,
-        batch_size=grid.eval_batch_size, seed=grid.eval_seed, labels=labels, include_base=include_base,
-    )  # fmt: skip
+    """Preference results on the grid's shifts and/or multiple-choice results on its mc_tasks, in one table."""
+    tables = []
+    if grid.shifts is not None:
+        tables.append(evaluate_models(
+            base_model(grid), models, load_shift_spec(grid.shifts), n=grid.eval_samples,
+            batch_size=grid.eval_batch_size, seed=grid.eval_seed, labels=labels, include_base=include_base,
+        ))  # fmt: skip
+    if grid.mc_tasks:
+        from .evaluate_mc import evaluate_mc_models
+
+        tables.append(evaluate_mc_models(
+            base_model(grid), models, grid.mc_tasks, num_fewshot=grid.mc_num_fewshot, limit=grid.mc_limit,
+            batch_size=grid.mc_batch_size, labels=labels, include_path=grid.mc_include_path, include_base=include_base,
+            seed=grid.eval_seed,
+        ))  # fmt: skip
+    return pd.concat(tables, ignore_index=True)
 
 
 def run_one(grid: Grid, run: Run) -> None:
@@ -187,11 +227,16 @@ def selection_notes(grid: Grid, scores: pd.Series, selected: pd.DataFrame) -> st
 
 
 def report(grid: Grid) -> list[Path]:
-    """Select on validation and write the report of the selected runs to <output_dir>/report/."""
+    """Select on validation (when the grid has several learning rates) and write the report of the selected runs
+    to <output_dir>/report/."""
     missing = [run.id for run in runs(grid) if not run.result.exists()]
     if missing:
         raise RuntimeError(f"sweep {grid.config!r}: {len(missing)} run(s) not finished, e.g. {missing[:3]}; run them first")
     results = load_results([base_result(grid), *(run.result for run in runs(grid))])
+    if len(grid.learning_rates) < 2:
+        rates = ", ".join(f"{run.method} → lr {run.learning_rate:g}" for run in runs(grid)[:: len(grid.seeds)])
+        notes = f"## Runs\n\nNo selection: each method trains at one learning rate ({rates}). Grid: `{grid.config}`; seeds {grid.seeds}."
+        return write_report(results, Path(grid.output_dir) / "report", notes=notes)
     scores = validation_accuracy(results)
     selected = select(scores)
     keep = results.label.eq(BASE_LABEL) | results.set_index(["label", "learning_rate"]).index.isin(

@@ -4,7 +4,9 @@
     accelerate launch --config_file accelerate_configs/ddp.yaml -m reprpo_trl.train --config recipes/...
 
 The recipe's `trainer` key picks the trainer and so the config class whose fields it may set:
-`dpo` (TRL's own DPOTrainer with the run guard, the baseline), `reprpo`, `projgrad`, `projbp`. Model keys are TRL's ModelConfig
+`dpo` (TRL's own DPOTrainer with the run guard, the baseline), `reprpo`, `projgrad`, `projbp`, `ia2`, and `sft` (TRL's
+own SFTTrainer with the run guard, on instruction data such as Commonsense-170K, the PEFT-baselines study). Model keys
+are TRL's ModelConfig
 (model_name_or_path, dtype, ...); the `adapter:` section is `AdapterArguments` (reprpo_trl.adapters); data keys
 are `RunArguments` below. `--key=value` means `--key value`. Bad input (an unknown or misspelled key, a value of
 the wrong kind, a missing file) is refused before anything is loaded or written, as one line naming the key
@@ -20,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
 from .adapters import AdapterArguments, build_peft_config, check_combination, flatten_section
-from .data import check_truncation, load_preference_dataset, on_disk, to_conversational
+from .data import check_truncation, load_preference_dataset, load_sft_dataset, on_disk, to_conversational
 from .data.loading import local_format
 from .dynamics.callbacks import DynamicsArguments, attach_dynamics
 from .errors import InputError, command
@@ -41,6 +43,8 @@ from .trainers import (
     ProjGradTrainer,
     ReprPOConfig,
     ReprPOTrainer,
+    SFTConfig,
+    SFTTrainer,
 )
 
 TRAINERS = {
@@ -49,6 +53,7 @@ TRAINERS = {
     "projgrad": (ProjGradConfig, ProjGradTrainer),
     "projbp": (ProjBPConfig, ProjBPTrainer),
     "ia2": (IA2Config, IA2Trainer),
+    "sft": (SFTConfig, SFTTrainer),
 }
 
 
@@ -61,7 +66,8 @@ class RunArguments(DynamicsArguments):
     train_dataset: str = field(
         default="suite:add_small:train",
         metadata={"help": "Dataset spec: suite:<family>:<split>, a local parquet/json/csv, or <hub id>[:config[:split]]. "
-                  "For trainer ia2 an ICL task: suite:<task>, sst2, agnews, gsm8k, sciq or a local file."},
+                  "For trainer ia2 an ICL task: suite:<task>, sst2, agnews, gsm8k, sciq or a local file. For trainer sft "
+                  "instruction rows (instruction/input/output): suite:commonsense:<split>, commonsense_170k, a file or a hub id."},
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Dataset spec for evaluation during training."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
@@ -205,11 +211,15 @@ def load_data(run_args: RunArguments, train_args, tokenizer):
     ):
         if spec is None:
             continue
-        dataset = load_preference_dataset(spec, n=n, seed=train_args.seed)
+        load = load_sft_dataset if run_args.trainer == "sft" else load_preference_dataset
+        dataset = load(spec, n=n, seed=train_args.seed)
+        if run_args.conversational and run_args.trainer == "sft":
+            raise InputError("conversational: true turns preference pairs into chat messages; trainer sft trains on the "
+                             "Alpaca prompt of instruction rows. Remove conversational from the recipe.")  # fmt: skip
         if run_args.conversational and isinstance(dataset[0]["prompt"], str):
             dataset = dataset.map(to_conversational, desc=f"Chat format for {spec}")
         fraction = check_truncation(dataset, tokenizer, train_args.max_length, run_args.max_truncated_fraction, spec)
-        print(f"{split} dataset {spec}: {len(dataset)} pairs, {fraction:.1%} longer than max_length")
+        print(f"{split} dataset {spec}: {len(dataset)} rows, {fraction:.1%} longer than max_length")
         with train_args.main_process_first(desc=f"saving {spec}"):
             datasets[split] = on_disk(dataset)
     return datasets

@@ -99,17 +99,23 @@ def load_preference_dataset(spec: str, n: int | None = None, seed: int = 0) -> D
     if spec.startswith("suite:"):
         _, family, split = (spec.split(":") + ["train"])[:3]
         dataset = make_family(family, split, n=n or 600, seed=seed)
-    elif builder is not None:
-        dataset = read_file(spec, PREFERENCE_FIELDS)
     else:
-        hub_id, config, split = (spec.split(":", 2) + [None, None])[:3]
-        dataset = load_dataset(hub_id, config or None, split=split or "train")
+        dataset = load_file_or_hub(spec, PREFERENCE_FIELDS)
     if n is not None:
         dataset = dataset.select(range(min(n, len(dataset))))
     if len(dataset) == 0:
         raise InputError(f"dataset {spec!r} is empty" + (f" with n={n}" if n is not None else ""))
     validate_preferences(dataset, spec)
     return dataset
+
+
+def load_file_or_hub(spec: str, text_fields: tuple[str, ...]) -> Dataset:
+    """A local .parquet/.json/.jsonl/.csv file (its `text_fields` read as text), or `<hub id>[:config[:split]]`
+    (split default train)."""
+    if local_format(spec) is not None:
+        return read_file(spec, text_fields)
+    hub_id, config, split = (spec.split(":", 2) + [None, None])[:3]
+    return load_dataset(hub_id, config or None, split=split or "train")
 
 
 def field_problem(value) -> str | None:
@@ -150,11 +156,15 @@ def validate_preferences(dataset: Dataset, name: str) -> None:
 
 
 def truncated_fraction(dataset: Dataset, tokenizer, max_length: int | None) -> float:
-    """Fraction of pairs whose prompt + chosen or prompt + rejected exceeds `max_length` tokens."""
+    """Fraction of pairs whose prompt + chosen or prompt + rejected exceeds `max_length` tokens (for
+    prompt/completion rows: prompt + completion + EOS)."""
     if max_length is None or len(dataset) == 0:
         return 0.0
     over = 0
     for row in dataset:
+        if "completion" in row:
+            over += len(tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]) > max_length
+            continue
         ids = tokenize_pair(row, tokenizer)
         over += len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])) > max_length
     return over / len(dataset)
