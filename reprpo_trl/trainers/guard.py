@@ -29,7 +29,7 @@ from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
 from transformers.utils import logging
 
 from .. import sharding
-from ..checkpoints import CheckpointMarker, last_complete_checkpoint, resolve_resume
+from ..checkpoints import CheckpointMarker, StopAndSave, last_complete_checkpoint, resolve_resume
 from ..errors import InputError, RunError
 
 NONFINITE_POLICIES = ("stop", "skip", "off")
@@ -74,7 +74,9 @@ class GuardedTrainer:
         self._term_reduce: dict[str, str] = {}
         self._step_losses: list[torch.Tensor] = []
         self.skipped_steps = 0
-        self.add_callback(CheckpointMarker())
+        self.stop_and_save = StopAndSave()
+        self.add_callback(self.stop_and_save)
+        self.add_callback(CheckpointMarker())  # after StopAndSave: its on_save marks the checkpoint a stop asked for
         if self.nonfinite_policy == "skip" and self.is_deepspeed_enabled:
             raise InputError(
                 "on_nonfinite=skip cannot run under DeepSpeed: its engine applies the optimizer step inside backward, "
@@ -133,9 +135,11 @@ class GuardedTrainer:
         if self.nonfinite_policy != "off" and grad_norm is not None:
             checked.append("grad_norm")
             values.append(grad_norm)
+        values.append(torch.tensor(float(self.stop_and_save.requested())))  # does any process want to stop?
         self.step_terms, self._step_losses = {}, []
         stacked = torch.stack([v.to(self.accelerator.device) for v in values])
         host = self.accelerator.gather(stacked).reshape(-1, len(values)).mean(0).tolist()  # the step's one sync
+        self.stop_and_save.agreed = host.pop() > 0
         for name, value in zip(names, host):
             self._metrics["train"][name].append(value)
         bad = [(name, value) for name, value in zip(checked, host) if not math.isfinite(value)]
