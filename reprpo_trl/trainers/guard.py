@@ -21,6 +21,7 @@ no_grad, so every state a hook reads there would silently carry no gradient. TRL
 ZeRO-3 to work around a DeepSpeed recompute bug that DeepSpeed 0.19.8 fixed; these trainers undo that.
 """
 
+import contextlib
 import math
 from dataclasses import field
 
@@ -172,7 +173,23 @@ class GuardedTrainer:
     def save_model(self, output_dir=None, _internal_call=False):
         if self.nonfinite_policy != "off":
             self._refuse_nonfinite_parameters()
-        super().save_model(output_dir, _internal_call)
+        with self._full_weights():
+            super().save_model(output_dir, _internal_call)
+
+    @contextlib.contextmanager
+    def _full_weights(self):
+        """Under FSDP with a sharded state dict the Trainer writes no model or adapter at all (its checkpoints keep
+        only shards): save gathered, loadable weights too. The shards stay for resuming."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            yield
+            return
+        sharded = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            yield
+        finally:
+            plugin.set_state_dict_type(sharded)
 
     @torch.no_grad()
     def _refuse_nonfinite_parameters(self) -> None:
