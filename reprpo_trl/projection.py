@@ -14,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .errors import InputError
+from .sharding import full_shape
 from .sites import decoder_layers, unwrap
 
 EPS = 1e-12
@@ -78,10 +79,11 @@ def adapted_modules(model: nn.Module, pattern: str | None = None) -> dict[str, n
 
 def output_axis_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Trainable tensors of `module` whose axis 0 is its output axis: LoRA B, a full weight or bias, an IA3 output
-    scaling vector. LoRA A and input-scaling vectors have no such axis and are left alone."""
+    scaling vector. LoRA A and input-scaling vectors have no such axis and are left alone. Shapes are the full
+    ones (ZeRO-3 leaves each process a flat partition)."""
     d_out = module.out_features
     return [
         p
         for name, p in module.named_parameters()
-        if p.requires_grad and p.shape[0] == d_out and not set(name.split(".")) & set(NO_OUTPUT_AXIS)
+        if p.requires_grad and full_shape(p)[0] == d_out and not set(name.split(".")) & set(NO_OUTPUT_AXIS)
     ]

@@ -1,16 +1,20 @@
 """Trains each recipe given, one after another, in one (possibly multi-process) launch, and keeps each run's
-log history: `accelerate launch ... tests/distributed_matrix.py <out_root> <recipe.yaml>...` (tests/test_distributed.py)."""
+log history: `accelerate launch ... tests/distributed_matrix.py <out_root> <recipe.yaml>...` (tests/test_distributed.py).
+An FSDP launch stays FSDP on CPU (tests/fsdp_on_cpu.py)."""
 
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fsdp_on_cpu  # noqa: E402
 from reprpo_trl import train  # noqa: E402
 
 
 def main():
+    fsdp_on_cpu.allow()
     root, recipes = Path(sys.argv[1]), sys.argv[2:]
     for recipe in recipes:
         out = root / Path(recipe).stem

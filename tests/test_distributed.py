@@ -1,7 +1,7 @@
-"""Two processes under DDP, DeepSpeed ZeRO-2 and ZeRO-3 (CPU, through `accelerate launch`) train exactly what one
-process trains with the same global batch: ReprPO with a trained transform, ProjGrad (with project_update),
-ProjBP and IA2 act, 3 optimizer steps of 2 accumulated micro-batches each. Parameters, transforms and every
-logged term agree; the adapters reload with peft.
+"""Two processes under DDP, DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 (CPU, through `accelerate launch`; FSDP2 kept on
+CPU by tests/fsdp_on_cpu.py) train exactly what one process trains with the same global batch: ReprPO with a
+trained transform, ProjGrad (with project_update), ProjBP and IA2 act, 3 optimizer steps of 2 accumulated
+micro-batches each. Parameters, transforms and every logged term agree; the adapters reload with peft.
 
 Tolerance: 1e-5 absolute + 1e-3 relative on weights, 1e-4 relative on logged terms. The runs differ only in how
 float32 sums are split and ordered (per process, then all-reduced or reduce-scattered), which moves results by a
@@ -39,6 +39,10 @@ BACKENDS = {
     "ddp": {"distributed_type": "MULTI_GPU"},
     "zero2": {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}},
     "zero3": {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True}},
+    # accelerate's FSDP2 (fully_shard, sharded checkpoints) kept on CPU by tests/fsdp_on_cpu.py
+    "fsdp2": {"distributed_type": "FSDP", "fsdp_config": {
+        "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False}},
 }
 TERMS = ("loss", "loss/dpo", "loss/hidden", "hidden/layer_1", "hidden/rank_margin", "projgrad/parallel_fraction",
          "rewards/margins", "ia2/act", "ia2/tok")  # fmt: skip
@@ -143,32 +147,36 @@ def test_fsdp2_gradient_edits_equal_one_process(tmp_path, tokenizer):
     assert torch.equal(saved["written"], torch.full_like(saved["written"], 0.25))
 
 
-def test_zero2_checkpoint_resumes_to_the_uninterrupted_result(setup):
-    """DeepSpeed writes its own checkpoint (engine, optimizer partitions); the transforms live in the model, so they
-    come back with it. A run stopped after 2 of 4 steps (constant learning rate) and resumed ends where 4 steps in
-    one go end."""
+@pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
+def test_sharded_checkpoint_resumes_to_the_uninterrupted_result(backend, setup):
+    """DeepSpeed and FSDP2 write their own checkpoints (engine and optimizer partitions; sharded state dicts); the
+    transforms live in the model, so they come back with it. A run stopped after 2 of 4 steps (constant learning
+    rate) and resumed ends where 4 steps in one go end."""
     tmp, _, recipes, _ = setup
+    tmp = tmp / f"resume_{backend}"
+    tmp.mkdir()
     recipe = yaml.safe_load(recipes[0].read_text())  # reprpo-ether
     recipe.update(max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
     path = tmp / "resume.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    config = tmp / "zero2_resume.yaml"
+    config = tmp / "launch.yaml"
     config.write_text(yaml.safe_dump({
         "compute_environment": "LOCAL_MACHINE", "num_processes": 2, "num_machines": 1, "machine_rank": 0,
-        "mixed_precision": "no", "use_cpu": True, "main_process_ip": "127.0.0.1", "main_process_port": 29640,
-        **BACKENDS["zero2"],
+        "mixed_precision": "no", "use_cpu": True, "main_process_ip": "127.0.0.1",
+        "main_process_port": 29640 + list(BACKENDS).index(backend), **BACKENDS[backend],
     }))  # fmt: skip
 
     def train(out, *flags):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "reprpo_trl.train",
-               "--config", str(path), "--output_dir", str(out), *flags]  # fmt: skip
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               str(ROOT / "tests" / "fsdp_on_cpu.py"), "--config", str(path), "--output_dir", str(out), *flags]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
         assert result.returncode == 0, result.stderr[-3000:]
 
     train(tmp / "straight")
     train(tmp / "halves", "--max_steps", "2")
     assert (tmp / "halves" / "checkpoint-2" / "reprpo_checkpoint.json").exists()
-    assert any(p.name.startswith("global_step") for p in (tmp / "halves" / "checkpoint-2").iterdir())  # DeepSpeed's own
+    own = "global_step" if backend == "zero2" else "pytorch_model_fsdp_0"  # DeepSpeed's, FSDP's sharded state dict
+    assert any(p.name.startswith(own) for p in (tmp / "halves" / "checkpoint-2").iterdir())
     train(tmp / "halves", "--resume_from_checkpoint", "auto")
     one, two = weights(tmp / "straight"), weights(tmp / "halves")
     assert one.keys() == two.keys() and any("transforms" in k for k in one)
@@ -190,3 +198,24 @@ def test_a_launch_that_forms_no_world_is_refused(tmp_path, setup):
     assert result.returncode != 0
     assert "error: the launcher started 2 processes, but each sees a world of 1" in result.stderr
     assert "use_cpu: true" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_full_fine_tuning_that_zero3_cannot_save_is_refused_before_training(tmp_path, setup):
+    """Without zero3_save_16bit_model the Trainer would write DeepSpeed shards instead of a loadable model, after
+    the whole run; the run stops at start-up instead, with exit code 2 and nothing trained."""
+    tmp, _, recipes, _ = setup
+    recipe = {**yaml.safe_load(recipes[1].read_text()), "adapter": {"type": "full"}}
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    config = tmp_path / "zero3.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "num_processes": 2, "num_machines": 1, "machine_rank": 0,
+        "mixed_precision": "no", "use_cpu": True, "main_process_ip": "127.0.0.1", "main_process_port": 29651,
+        **BACKENDS["zero3"],
+    }))  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "reprpo_trl.train",
+           "--config", str(path), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode != 0
+    assert "full fine-tuning under DeepSpeed ZeRO-3 without zero3_save_16bit_model" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -172,6 +172,10 @@ class IA2Trainer(GuardedTrainer, SFTTrainer):
             losses["tokl"] = self._per_token(self._kl_sum(model, states["final"][0], flat), len(rows), num_items_in_batch)
         w = self.args.tna_weight
         loss = (1 - w) * losses["act"] + w * tok if self.args.loss == "tna" else losses[self.args.loss]
+        if self.is_fsdp_enabled and self.args.loss == "act":
+            # FSDP2 gathers a layer's weights for backward when the gradient reaches the layer's output; act reaches
+            # the last layer only through its attention output, so that layer's output must be in the graph
+            loss = loss + 0.0 * tok
         for name, value in losses.items():  # per-token terms; with num_items_in_batch each is its share of the step
             self.record(f"ia2/{name}", value, reduce="mean" if num_items_in_batch is None else "sum")
         return loss

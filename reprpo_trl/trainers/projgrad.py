@@ -104,10 +104,15 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
     def __init__(self, model, ref_model=None, args: ProjGradConfig | None = None, **kwargs):
         require_config("ProjGradTrainer", args, ProjGradConfig)
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
-        self.parameters_of = {name: output_axis_parameters(m) for name, m in self.projected.items()}
         self.direction_sums: dict[str, torch.Tensor] = {}
         self.directions: dict[str, torch.Tensor] = {}  # the last step's unit directions, by module name
         self._before_step: dict[torch.Tensor, torch.Tensor] = {}
+
+    @property
+    def parameters_of(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Per module, its tensors with an output axis, looked up when used: FSDP2's fully_shard replaces every
+        parameter object (by a DTensor one) when the Trainer prepares the model."""
+        return {name: output_axis_parameters(module) for name, module in self.projected.items()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.collector.capture(inputs["completion_mask"], inputs["attention_mask"]) as states:
@@ -131,8 +136,9 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
             kept.append(along.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
             return project_output_axis(grad, direction.to(grad), self.args.proj_beta, self.args.renorm)
 
+        parameters_of = self.parameters_of
         for name, direction in self.directions.items():
-            sharding.edit_gradients(self.parameters_of[name], lambda grad, _, u=direction: split(grad, u))
+            sharding.edit_gradients(parameters_of[name], lambda grad, _, u=direction: split(grad, u))
         if kept:
             self.record("projgrad/parallel_fraction", torch.stack(kept).mean())
 
@@ -153,8 +159,9 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
         """theta <- theta_old + D_par + beta * D_perp for D = theta - theta_old, along each module's direction.
         Under DeepSpeed these hooks sit on the inner optimizer, whose step updates the fp32 master weights; the
         engine copies them into the model afterwards, so the projected update is the one the model gets."""
+        parameters_of = self.parameters_of
         for name, direction in self.directions.items():
-            for parameter in self.parameters_of[name]:
+            for parameter in parameters_of[name]:
                 before = self._before_step[parameter]
                 change = sharding.full_parameter(parameter) - before
                 projected = project_output_axis(change, direction.to(change), self.args.proj_beta, self.args.renorm)
