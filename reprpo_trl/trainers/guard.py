@@ -27,6 +27,7 @@ from dataclasses import field
 
 import torch
 from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+from peft import PeftModel
 from transformers.utils import logging
 
 from .. import sharding
@@ -82,6 +83,21 @@ class GuardedTrainer:
             raise InputError(
                 "on_nonfinite=skip cannot run under DeepSpeed: its engine applies the optimizer step inside backward, "
                 "before the trainer sees the gradient norm. Use on_nonfinite=stop (the default)."
+            )
+        self._refuse_unsavable_zero3()
+
+    def _refuse_unsavable_zero3(self) -> None:
+        """Under ZeRO-3 a full model is saved loadable only if DeepSpeed gathers its 16-bit weights at save time;
+        otherwise the Trainer falls back to a DeepSpeed checkpoint, found out only after training (peft adapters
+        are gathered either way)."""
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        if plugin is None or plugin.zero_stage != 3 or isinstance(self.model, PeftModel):
+            return
+        if not plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save"):
+            raise InputError(
+                "full fine-tuning under DeepSpeed ZeRO-3 without zero3_save_16bit_model: the final model would be "
+                "written as DeepSpeed shards, not loadable with from_pretrained. Set zero3_save_16bit_model: true "
+                "under deepspeed_config in the accelerate config (accelerate_configs/zero3.yaml has it)."
             )
 
     @property
