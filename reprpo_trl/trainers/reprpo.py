@@ -94,7 +94,13 @@ class ReprPOConfig(DPOConfig):
         metadata={"help": f"Hidden-state loss L_h: one of {sorted(HIDDEN_LOSSES)}."},
     )
     alpha: float = field(default=1.0, metadata={"help": "Weight of the hidden-state term (mean over sites)."})
-    dpo_weight: float = field(default=1.0, metadata={"help": "Weight w_dpo of TRL's DPO loss; 0 turns it off."})
+    dpo_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight w_dpo of TRL's DPO loss; 0 turns it off, and then training forwards stop after the deepest "
+            "site (no later layer, no LM head, no log-probs; loss/dpo is not logged)."
+        },
+    )
     beta_h: float = field(
         default=1.0, metadata={"help": "Temperature of the innerdpo / prefvec / rank logistic terms."}
     )
