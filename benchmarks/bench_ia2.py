@@ -2,17 +2,17 @@
 
 Both train the same model (LoRA r=16 on q,k,v,o) on the same student rows of the offline ICL suite (query +
 answer, loss on the answer) with the same batch, each in a fresh process: median step time after two warm-up
-steps and peak memory (CUDA max_memory_allocated on GPU, peak RSS on CPU). IA2 also reports the time of its
+steps, tokens/s and peak memory (benchmarks/timing.py). IA2 also reports the time of its
 one-time teacher pass (k demonstrations + query, all layers' self-attention outputs, cached in fp16) and the
 size of the cache file.
 
-    python benchmarks/bench_ia2.py [--model embedded/SmolLM2-135M-Instruct] [--steps 12] [--batch 8]
+    python benchmarks/bench_ia2.py [--model embedded/SmolLM2-135M-Instruct] [--shape LAYERS,HIDDEN] [--steps 12] [--batch 8]
 """
 
 import tempfile
 import time
 
-from timing import run_benchmark, train_and_measure
+from timing import load_model, run_benchmark, train_and_measure
 
 CONFIGS = {  # name -> (IA2 method, label type), or None for TRL's SFTTrainer
     "sft": None,
@@ -24,19 +24,14 @@ CONFIGS = {  # name -> (IA2 method, label type), or None for TRL's SFTTrainer
 
 def run_one(name, args, device):
     model_name, steps, batch, num_demos = args.model, args.steps, args.batch, args.num_demos
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from reprpo_trl import IA2Config, IA2Trainer
     from reprpo_trl.icl import load_icl_task
-    from reprpo_trl.models import resolve_model
 
-    path = resolve_model(model_name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model, tokenizer = load_model(model_name, device, args.shape)
     examples, pool = load_icl_task("suite:sentiment", n=steps * batch, pool_size=64)
     common = dict(output_dir=f"/tmp/bench_{name}", max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
                   report_to="none", save_strategy="no", logging_steps=steps, use_cpu=device == "cpu", bf16=device == "cuda",
@@ -62,7 +57,8 @@ def main():
     print(f"\nratios vs TRL SFTTrainer, {device}, model {args.model}, batch {args.batch}, {args.steps} steps:")
     for name, r in results.items():
         once = f"  one-time targets {r['precompute_s']:.1f}s for {args.steps * args.batch} examples, cache {r['cache_mib']:.1f} MiB" if "precompute_s" in r else ""
-        print(f"{name:20s} time {r['step_s'] / base['step_s']:5.2f}  memory {r['peak_mib'] / base['peak_mib']:5.2f}{once}")
+        print(f"{name:20s} time {r['step_s'] / base['step_s']:5.2f}  memory {r['peak_mib'] / base['peak_mib']:5.2f}  "
+              f"{1000 * r['step_s']:.0f} ms  {r['tokens_per_s']:.0f} tokens/s{once}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -28,12 +28,32 @@ def unit(vectors: torch.Tensor) -> torch.Tensor:
 
 def project_output_axis(grad: torch.Tensor, direction: torch.Tensor, beta: float, renorm: bool) -> torch.Tensor:
     """G' for a tensor whose axis 0 is the output axis (d_out, ...) and a unit direction (d_out,)."""
-    flat = grad.reshape(grad.shape[0], -1)
-    u = direction.to(flat.dtype)
-    edited = flat - (1.0 - beta) * (flat - torch.outer(u, u @ flat))
-    if renorm:
-        edited = edited * (flat.norm() / edited.norm().clamp(min=EPS))
-    return edited.reshape(grad.shape)
+    return project_output_axes([grad], [direction], beta, renorm)[0][0]
+
+
+def project_output_axes(grads: list, directions: list, beta: float, renorm: bool, max_elements: int = 2**26):
+    """G' of every tensor in `grads` along its own unit direction, as `project_output_axis`, batched: tensors of
+    one shape and dtype are stacked (at most `max_elements` at a time) and edited together. Also returns each
+    tensor's parallel fraction |G_par|^2 / |G|^2 = |u^T G|^2 / |G|^2, as one (n,) tensor."""
+    edited, fractions = [None] * len(grads), [None] * len(grads)
+    groups: dict[tuple, list[int]] = {}
+    for i, grad in enumerate(grads):
+        groups.setdefault((grad.shape, grad.dtype, grad.device), []).append(i)
+    for (shape, dtype, _), members in groups.items():
+        per_chunk = max(1, max_elements // max(shape.numel(), 1))
+        for start in range(0, len(members), per_chunk):
+            index = members[start : start + per_chunk]
+            flat = torch.stack([grads[i].reshape(shape[0], -1) for i in index])  # (K, d_out, m)
+            u = torch.stack([directions[i] for i in index]).to(flat.device, dtype)  # (K, d_out)
+            along = torch.einsum("kd,kdm->km", u, flat)  # u^T G
+            out = flat - (1.0 - beta) * (flat - u[:, :, None] * along[:, None, :])
+            norms = flat.flatten(1).norm(dim=1)
+            if renorm:
+                out = out * (norms / out.flatten(1).norm(dim=1).clamp(min=EPS))[:, None, None]
+            fraction = along.norm(dim=1) ** 2 / norms.clamp(min=1e-30) ** 2
+            for j, i in enumerate(index):
+                edited[i], fractions[i] = out[j].reshape(shape), fraction[j]
+    return edited, torch.stack(fractions) if fractions else torch.zeros(0)
 
 
 def project_rows(grad: torch.Tensor, directions: torch.Tensor, beta: float, renorm: bool) -> torch.Tensor:

@@ -45,15 +45,25 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def edit_gradients(parameters: list[nn.Parameter], edit) -> None:
-    """grad <- edit(full grad, parameter) for every parameter that has a gradient, under any backend."""
+    """grads <- edit(full grads, parameters) -> edited full grads, for the parameters that have a gradient, under
+    any backend: one call over all of them where gradients are whole on this process (plain, DDP; FSDP2 gathers
+    them), one call per parameter under DeepSpeed, whose API updates its partitions one parameter at a time."""
     if any(_is_deepspeed(p) for p in parameters):
         from deepspeed.utils import safe_update_full_grad_vectorized
 
-        safe_update_full_grad_vectorized(parameters, lambda grad, p: edit(grad.reshape(full_shape(p)), p).reshape(grad.shape))
+        def one(grad, p):
+            return edit([grad.reshape(full_shape(p))], [p])[0].reshape(grad.shape)
+
+        safe_update_full_grad_vectorized(parameters, one)
         return
-    for parameter in parameters:
-        if parameter.grad is not None:
-            _write_back(parameter.grad, edit(full(parameter.grad), parameter))
+    having = [p for p in parameters if p.grad is not None]
+    edited = edit([full(p.grad) for p in having], having) if having else []
+    plain = [(p.grad, e) for p, e in zip(having, edited) if not _is_dtensor(p.grad)]
+    if plain:
+        torch._foreach_copy_([grad for grad, _ in plain], [e for _, e in plain])
+    for p, e in zip(having, edited):
+        if _is_dtensor(p.grad):
+            _write_back(p.grad, e)
 
 
 def full_shape(parameter: nn.Parameter) -> torch.Size:

@@ -82,6 +82,30 @@ def as_base(model: nn.Module):
     return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def truncated(model: nn.Module, last_layer: int):
+    """Inside, `model` runs its decoder layers 0..last_layer and no layer after them nor its LM head: the layer list
+    holds only those layers and the output embedding is swapped for a map to an empty tensor (empty logits)."""
+    base = unwrap(model)
+    swaps = [(decoder_layers(base), nn.ModuleList(list(decoder_layers(base))[: last_layer + 1])), (base.get_output_embeddings(), _NoHead())]
+    owners = {id(module): name for name, module in base.named_modules()}
+    placed = []
+    try:
+        for module, replacement in swaps:
+            parent, _, attribute = owners[id(module)].rpartition(".")
+            placed.append((base.get_submodule(parent), attribute, module))
+            setattr(placed[-1][0], attribute, replacement)
+        yield
+    finally:
+        for parent, attribute, module in placed:
+            setattr(parent, attribute, module)
+
+
+class _NoHead(nn.Module):
+    def forward(self, hidden):
+        return hidden[..., :0]
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (the one whose length is the config's num_hidden_layers)."""
     model = unwrap(model)
@@ -225,6 +249,7 @@ def _width(module: nn.Module, read: str, site: str) -> int:
 
 class Collection:
     """The sites a loss reads: raw hooked sites (pooled by a StateCollector) and the sites derived from them.
+    `deepest_layer` is the last decoder layer any raw site lies in.
 
     `derive(raw)` maps pooled raw states {raw site: (N, d)} to {site: (N, d)}; for hs and side it is the
     identity, for suppressed site "suppressed_l" it is relu(h_l - h_{l+1}). `dims[site]` is each site's width.
@@ -241,6 +266,7 @@ class Collection:
             self.collector = StateCollector(sites, pooling, read=side_io)
             self.raw_dims = {site: _width(modules[0], side_io, site) for site, modules in sites.items()}
             self.dims = dict(self.raw_dims)
+            self.deepest_layer = max(layers)
             return
         self.pairs = {}
         if kind == "suppressed":
@@ -251,6 +277,7 @@ class Collection:
                 )
             self.pairs = {f"suppressed_{l}": (f"layer_{l}", f"layer_{l + 1}") for l in layers}
             layers = sorted(set(layers) | {l + 1 for l in layers})
+        self.deepest_layer = max(layers)  # the last decoder layer a site reads
         self.collector = StateCollector(layer_sites(models, layers), pooling)
         self.raw_dims = {site: hidden for site in self.collector.sites}
         self.dims = {site: hidden for site in (self.pairs or self.raw_dims)}

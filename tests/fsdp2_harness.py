@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from conftest import make_model, make_tokenizer  # noqa: E402
 from reprpo_trl import sharding  # noqa: E402
-from reprpo_trl.projection import project_output_axis  # noqa: E402
+from reprpo_trl.projection import project_output_axes  # noqa: E402
 
 from fsdp2_reference import BETA, batch, directions, lora_model  # noqa: E402
 
@@ -32,8 +32,8 @@ def main():
     params = {n: p for n, p in model.named_parameters() if "lora_B" in n}
     assert all(type(p.grad).__name__ == "DTensor" for p in params.values())
     us = directions(params)
-    for name, p in params.items():
-        sharding.edit_gradients([p], lambda grad, _, u=us[name]: project_output_axis(grad, u, BETA, renorm=True))
+    directions_in_order = [us[name] for name in params]  # one batched edit over every parameter, as ProjGrad does
+    sharding.edit_gradients(list(params.values()), lambda grads, _: project_output_axes(grads, directions_in_order, BETA, True)[0])
     grads = {n: sharding.full(p.grad).detach().clone() for n, p in params.items()}
     first = next(iter(params))
     sharding.set_full_parameter(params[first], torch.full(sharding.full(params[first]).shape, 0.25))

@@ -96,11 +96,11 @@ def test_prompt_tuning_has_no_adapted_module(tokenizer):
 # --- the trainers -------------------------------------------------------------------------------------------------
 
 
-def build(kind, tmp_path, tokenizer, pairs, adapter="lora", **overrides):
-    model = make_model(tokenizer)
+def build(kind, tmp_path, tokenizer, pairs, adapter="lora", lora=LORA, hidden=32, **overrides):
+    model = make_model(tokenizer, hidden=hidden)
     kwargs = dict(train_dataset=pairs, processing_class=tokenizer)
     if adapter == "lora":
-        kwargs["peft_config"] = LoraConfig(**LORA)
+        kwargs["peft_config"] = LoraConfig(**lora)
     else:
         kwargs["ref_model"] = copy.deepcopy(model)
     args = dict(COMMON, output_dir=str(tmp_path / kind), **overrides)
@@ -247,3 +247,42 @@ def test_config_validation(tmp_path):
         ProjBPConfig(output_dir=str(tmp_path), use_cpu=True, direction_source="model")
     with pytest.raises(TypeError, match="ProjGradConfig"):
         ProjGradTrainer(nn.Linear(2, 2), args=ProjBPConfig(output_dir=str(tmp_path), use_cpu=True))
+
+
+def step_peak_bytes(trainer) -> int:
+    """Peak of the torch CPU allocator's running total over one training step (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    peak = {}
+
+    class Profiled(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.profiler.__enter__()
+
+        def on_step_end(self, *args, **kwargs):
+            self.profiler.__exit__(None, None, None)
+            events = sorted((e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]")
+            total = peak["bytes"] = 0
+            for _, nbytes in events:
+                total += nbytes
+                peak["bytes"] = max(peak["bytes"], total)
+
+    trainer.add_callback(Profiled())
+    trainer.train()
+    return peak["bytes"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_projbp_keeps_no_module_output_beyond_dpo(checkpointing, tmp_path, tokenizer, pairs):
+    """With every linear layer adapted, ProjBP's peak step memory is DPO's: the hooks keep no module output alive
+    (with gradient checkpointing, DPO itself keeps only layer inputs; the old hooks kept 7 outputs per layer)."""
+    long_pairs = pairs.map(lambda row: {"chosen": row["chosen"] * 20, "rejected": row["rejected"] * 20})
+    every_linear = dict(LORA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peaks = {}
+    for kind in ("dpo", "projbp"):
+        trainer = build(kind, tmp_path, tokenizer, long_pairs, lora=every_linear, hidden=128, max_steps=1, max_length=256,
+                        gradient_checkpointing=checkpointing)  # fmt: skip
+        peaks[kind] = step_peak_bytes(trainer)
+    assert peaks["projbp"] <= 1.05 * peaks["dpo"], peaks

@@ -356,3 +356,47 @@ def test_stop_file_ends_every_trainer_at_a_complete_checkpoint(tmp_path, tokeniz
     assert last_complete_checkpoint(tmp_path / "out") == tmp_path / "out" / "checkpoint-2"
     trainer.train(resume_from_checkpoint="auto")  # the stale stop file is cleared: the run finishes
     assert trainer.state.global_step == 5 and trainer.stop_and_save.stopped_at is None
+
+
+@pytest.mark.parametrize("kind", ["reprpo", "projgrad", "projbp"])
+def test_logging_adds_at_most_one_host_sync_per_step(kind, tmp_path, tokenizer, pairs):
+    """Every term is logged (ReprPO: per site and per diagnostic), yet a step reads the device from the host at most
+    once more than TRL's own DPOTrainer does (its metrics): the package's terms go to the host in one transfer."""
+    import trl
+
+    syncs = {}
+    for name in ("trl", kind):
+        if name == "trl":
+            trainer = trl.DPOTrainer(make_model(tokenizer), args=trl.DPOConfig(output_dir=str(tmp_path / name), max_steps=2, **COMMON),
+                                     train_dataset=pairs, processing_class=tokenizer, peft_config=LORA)  # fmt: skip
+        else:
+            trainer = make_trainer(kind, tmp_path, tokenizer, pairs, max_steps=2)
+        counts = []
+
+        class CountSyncs(TrainerCallback):
+            def on_step_begin(self, *args, **kwargs):
+                counts.append(0)
+
+        trainer.add_callback(CountSyncs())
+        originals = {m: getattr(torch.Tensor, m) for m in ("item", "tolist", "__bool__", "__float__", "__int__")}
+
+        def counting(method):
+            def read(self, *args, **kwargs):
+                if counts:
+                    counts[-1] += 1
+                return originals[method](self, *args, **kwargs)
+
+            return read
+
+        try:
+            for method in originals:
+                setattr(torch.Tensor, method, counting(method))
+            trainer.train()
+        finally:
+            for method, original in originals.items():
+                setattr(torch.Tensor, method, original)
+        syncs[name] = counts[-1]  # the second step: no first-step set-up
+        logged = trainer.state.log_history[-2]
+    assert syncs[kind] <= syncs["trl"] + 1, syncs
+    if kind == "reprpo":
+        assert {"hidden/layer_1", "hidden/layer_2", "hidden/proj", "hidden/rank_margin", "loss/dpo"} <= logged.keys()

@@ -71,20 +71,52 @@ def test_training_changes_adapter_logs_terms_and_saves(loss, tmp_path, tokenizer
 
 
 def test_hidden_term_alone_trains_only_layers_it_reads(tmp_path, tokenizer, pairs):
-    """With w_dpo = 0 the gradient comes from the states of layer 1 only: adapters above it get none."""
+    """With w_dpo = 0 the gradient comes from the states of layer 1 only: adapters above it get none (the forward
+    stops after layer 1) and keep their values."""
     trainer = lora_trainer(tmp_path, tokenizer, pairs, dpo_weight=0.0, layers="1", hidden_loss="mse", max_steps=1)
     grads = {}
 
     def keep(name):
         return lambda grad: grads.__setitem__(name, grad.abs().sum().item())
 
+    above = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".layers.2." in n or ".layers.3." in n}
     for n, p in trainer.model.named_parameters():
-        if "lora_A" in n:
+        if "lora_A" in n and p.requires_grad:
             p.register_hook(keep(n))
     trainer.train()
     below = [v for n, v in grads.items() if ".layers.0." in n or ".layers.1." in n]
-    above = [v for n, v in grads.items() if ".layers.2." in n or ".layers.3." in n]
-    assert below and all(v == 0 for v in above)
+    assert below and not any(n in above for n in grads)
+    after = dict(trainer.model.named_parameters())
+    assert all(after[n].grad is None and torch.equal(after[n], value) for n, value in above.items())
+
+
+def test_dpo_weight_zero_stops_the_forward_after_the_deepest_site(tmp_path, tokenizer, pairs):
+    """With w_dpo = 0 no layer after the deepest site (layer 1 of 4) and no LM head runs, in the policy and the
+    reference forward; the loss and its gradients equal those of the whole forward through TRL's loss (the
+    implementation before the early stop, with 0 * L_dpo) to 1e-6."""
+    from reprpo_trl.sites import decoder_layers, unwrap
+
+    results = {}
+    for stops in (True, False):
+        trainer = lora_trainer(tmp_path / str(stops), tokenizer, pairs, dpo_weight=0.0, layers="0,1", hidden_loss="prefvec")
+        if not stops:
+            trainer.forward_stops_after = None  # TRL's whole forward and loss, as before
+        base = unwrap(trainer.model)
+        ran = []
+        for module in [*decoder_layers(base)[2:], base.get_output_embeddings()]:
+            module.register_forward_hook(lambda *args: ran.append(1))
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[stops] = loss.detach(), grads, len(ran)
+    (loss, grads, ran), (whole_loss, whole_grads, whole_ran) = results[True], results[False]
+    assert ran == 0 and whole_ran > 0  # the hooks do see the later layers and the head when they run
+    torch.testing.assert_close(loss, whole_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == whole_grads.keys() and len(grads) == 12  # q, v, down LoRA A and B of layers 0 and 1
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, whole_grads[name], rtol=0, atol=1e-6)
 
 
 def test_weights_scale_the_terms(tmp_path, tokenizer, pairs):

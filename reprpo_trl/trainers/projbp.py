@@ -1,7 +1,7 @@
 """ProjBP: DPO whose backward pass is projected onto each example's reference preference direction.
 
-During the policy forward each adapted module's output tensor gets a gradient hook (the full backward pre-hook
-of that module: it receives grad_output). In backward it edits the gradient row by row: for row n of pair i,
+During the policy forward each adapted module's output tensor gets a gradient hook (it receives grad_output;
+the module output itself is not kept). In backward it edits the gradient row by row: for row n of pair i,
 at every token, g' = g_par + beta * g_perp along u_i = unit(r_c,i - r_r,i) of that module's pooled reference
 output, rescaled to the row's original norm (`renorm`, default on). The edit flows on into earlier layers.
 Because it lives inside autograd, it works wherever backward does: single process, DDP, DeepSpeed, FSDP.
@@ -33,17 +33,22 @@ class ProjBPTrainer(PreferenceDirectionTrainer):
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = {}
+        """The gradient hook goes on each adapted module's output during the policy forward; it reads the pair
+        directions, which the reference forward gives afterwards, when backward reaches it. Nothing per token is
+        kept here: autograd holds what it would hold for DPO (with gradient checkpointing, only layer inputs)."""
+        directions: dict[str, torch.Tensor] = {}
+        hooked = set()
 
-        def keep_policy_output(name):
+        def edit_policy_output(name):
             def hook(module, args, output):
                 tensor = first_tensor(output)
-                if name not in outputs and tensor.requires_grad:
-                    outputs[name] = tensor
+                if name not in hooked and tensor.requires_grad:
+                    hooked.add(name)
+                    tensor.register_hook(lambda grad: self._edit(grad, directions[name]))
 
             return hook
 
-        handles = [m.register_forward_hook(keep_policy_output(n)) for n, m in self.projected.items()]
+        handles = [m.register_forward_hook(edit_policy_output(n)) for n, m in self.projected.items()]
         try:
             with self.collector.capture(inputs["completion_mask"], inputs["attention_mask"]) as states:
                 output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -51,18 +56,14 @@ class ProjBPTrainer(PreferenceDirectionTrainer):
             for handle in handles:
                 handle.remove()
         if torch.is_grad_enabled() and self.model.training:
-            if not outputs:
+            if not hooked:
                 raise RuntimeError(
                     "ProjBP found no adapted-module output that requires grad; with gradient checkpointing set "
                     "gradient_checkpointing_kwargs={'use_reentrant': False}"
                 )
             for name, vectors in self.preference_vectors(states).items():
-                directions = unit(vectors).repeat(2, 1)  # rows [B chosen; B rejected] share pair i's direction
-                outputs[name].register_hook(self._edit(directions))
+                directions[name] = unit(vectors).repeat(2, 1)  # rows [B chosen; B rejected] share pair i's direction
         return output
 
-    def _edit(self, directions):
-        def hook(grad):
-            return project_rows(grad, directions, self.args.proj_beta, self.args.renorm)
-
-        return hook
+    def _edit(self, grad, directions):
+        return project_rows(grad, directions, self.args.proj_beta, self.args.renorm)

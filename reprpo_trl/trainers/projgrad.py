@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..projection import adapted_modules, output_axis_parameters, project_output_axis, unit
+from ..projection import adapted_modules, output_axis_parameters, project_output_axes, unit
 from .. import sharding
 from ..sites import POOLINGS, StateCollector, unwrap
 from .backends import require_config
@@ -124,23 +124,30 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
 
     @torch.no_grad()
     def edit_gradients(self):
-        """Turns the accumulated direction sums into unit directions and edits the complete gradients in place."""
-        self.directions = {
-            name: unit(self.accelerator.reduce(total, "sum")) for name, total in sorted(self.direction_sums.items())
-        }
+        """Turns the accumulated direction sums into unit directions and edits the complete gradients in place:
+        one all-reduce for every module's sum, one batched edit for every parameter (reprpo_trl.projection)."""
+        names = sorted(self.direction_sums)
+        sums = [self.direction_sums[name] for name in names]
+        totals = self.accelerator.reduce(torch.cat(sums), "sum").split([len(total) for total in sums]) if sums else []
+        self.directions = {name: unit(total) for name, total in zip(names, totals)}
         self.direction_sums = {}
-        kept = []
+        parameters, directions = self._parameters_and_directions()
+        fractions = []
 
-        def split(grad, direction):
-            along = direction.to(grad) @ grad.reshape(grad.shape[0], -1)  # |G_par| = |u^T G| for unit u
-            kept.append(along.norm() ** 2 / grad.norm().clamp(min=1e-30) ** 2)
-            return project_output_axis(grad, direction.to(grad), self.args.proj_beta, self.args.renorm)
+        def split(grads, edited_parameters):
+            along = [directions[parameter] for parameter in edited_parameters]
+            edited, fraction = project_output_axes(grads, along, self.args.proj_beta, self.args.renorm)
+            fractions.append(fraction)
+            return edited
 
-        parameters_of = self.parameters_of
-        for name, direction in self.directions.items():
-            sharding.edit_gradients(parameters_of[name], lambda grad, _, u=direction: split(grad, u))
-        if kept:
-            self.record("projgrad/parallel_fraction", torch.stack(kept).mean())
+        sharding.edit_gradients(parameters, split)
+        if fractions:
+            self.record("projgrad/parallel_fraction", torch.cat(fractions).mean())
+
+    def _parameters_and_directions(self) -> tuple[list[torch.nn.Parameter], dict[torch.nn.Parameter, torch.Tensor]]:
+        """Every projected parameter, in module-name order, and the direction of its module."""
+        directions = {p: u for name, u in self.directions.items() for p in self.parameters_of[name]}
+        return list(directions), directions
 
     def create_optimizer(self, model=None):
         first_call = self.optimizer is None
@@ -156,14 +163,15 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
 
     @torch.no_grad()
     def _project_update(self, optimizer, args, kwargs):
-        """theta <- theta_old + D_par + beta * D_perp for D = theta - theta_old, along each module's direction.
-        Under DeepSpeed these hooks sit on the inner optimizer, whose step updates the fp32 master weights; the
-        engine copies them into the model afterwards, so the projected update is the one the model gets."""
-        parameters_of = self.parameters_of
-        for name, direction in self.directions.items():
-            for parameter in parameters_of[name]:
-                before = self._before_step[parameter]
-                change = sharding.full_parameter(parameter) - before
-                projected = project_output_axis(change, direction.to(change), self.args.proj_beta, self.args.renorm)
-                sharding.set_full_parameter(parameter, before + projected)
+        """theta <- theta_old + D_par + beta * D_perp for D = theta - theta_old, along each module's direction,
+        batched over every parameter. Under DeepSpeed these hooks sit on the inner optimizer, whose step updates
+        the fp32 master weights; the engine copies them into the model afterwards, so the projected update is the
+        one the model gets."""
+        parameters, directions = self._parameters_and_directions()
+        before = [self._before_step[p] for p in parameters]
+        changes = [sharding.full_parameter(p) - old for p, old in zip(parameters, before)]
+        along = [directions[p].to(change) for p, change in zip(parameters, changes)]
+        projected, _ = project_output_axes(changes, along, self.args.proj_beta, self.args.renorm)
+        for parameter, old, change in zip(parameters, before, projected):
+            sharding.set_full_parameter(parameter, old + change)
         self._before_step = {}

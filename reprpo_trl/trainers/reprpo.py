@@ -8,6 +8,7 @@ policy forward first and then the reference (adapter disabled, or the explicit `
 reference log-probs, so training runs no reference forward at all.
 """
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -16,15 +17,19 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, concatenate_datasets
+from peft import PeftModel
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
 
 from .. import sharding
 from ..cache import load_tensors, save_tensors
 from ..errors import InputError
 from ..losses import HIDDEN_LOSSES, preference_geometry
 from ..models import cache_dir
-from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, side_patterns, unwrap
+from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, side_patterns, truncated, unwrap
 from ..transforms import ORTHO_MAPS, ORTHOGONAL, TRANSFORMS, SiteTransforms
 from .backends import require_config
 from .dpo import DPOConfig, DPOTrainer
@@ -89,7 +94,14 @@ class ReprPOConfig(DPOConfig):
         metadata={"help": f"Hidden-state loss L_h: one of {sorted(HIDDEN_LOSSES)}."},
     )
     alpha: float = field(default=1.0, metadata={"help": "Weight of the hidden-state term (mean over sites)."})
-    dpo_weight: float = field(default=1.0, metadata={"help": "Weight w_dpo of TRL's DPO loss; 0 turns it off."})
+    dpo_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight w_dpo of TRL's DPO loss; 0 turns it off, and then training forwards stop after the deepest "
+            "site (no later layer, no LM head, no log-probs; loss/dpo is not logged), except under DeepSpeed and "
+            "FSDP, whose engines gather and release each layer around a forward that runs to its end."
+        },
+    )
     beta_h: float = field(
         default=1.0, metadata={"help": "Temperature of the innerdpo / prefvec / rank logistic terms."}
     )
@@ -231,6 +243,16 @@ class ReprPOTrainer(DPOTrainer):
         base.add_module(TRANSFORMS_MODULE, self.transforms)
         ignored = {f"{TRANSFORMS_MODULE}.{key}" for key in self.transforms.state_dict()}
         base._keys_to_ignore_on_save = set(base._keys_to_ignore_on_save or ()) | ignored
+        # dpo_weight 0: the forwards stop after the deepest site; what runs after it gets no gradient, so it is frozen
+        # (its gradient was exactly 0 before; frozen, DDP expects none and the optimizer leaves it as it was).
+        # DeepSpeed and FSDP run the whole forward, whose later layers then get a zero gradient.
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self.forward_stops_after = self.sites.deepest_layer if args.dpo_weight == 0 and not sharded else None
+        if self.forward_stops_after is not None:
+            unread = [*decoder_layers(base)[self.forward_stops_after + 1 :], base.get_decoder().norm, base.get_output_embeddings()]
+            shared = {id(p) for p in base.get_input_embeddings().parameters()}
+            for parameter in (p for module in unread for p in module.parameters() if id(p) not in shared):
+                parameter.requires_grad_(False)
         self.data_collator = _WithRefStates(self.data_collator)
         if args.precompute_ref_log_probs:
             self.train_dataset = self.precompute_ref_states(self.train_dataset, "train")
@@ -325,8 +347,12 @@ class ReprPOTrainer(DPOTrainer):
                 "data as eval_dataset (a dataset or a dict of them) when constructing ReprPOTrainer, where its "
                 "reference states are precomputed, then call trainer.evaluate() without a dataset argument."
             )
+        stops_early = self.forward_stops_after is not None and self.model.training  # evaluation runs TRL's whole loss
         with self.collector.capture(inputs["completion_mask"], inputs["attention_mask"]) as states:
-            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if stops_early:
+                output = self._truncated_forwards(model, inputs, reference=ref_states is None)
+            else:
+                output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         dpo_loss = output[0] if return_outputs else output
         policy = {site: values[0] for site, values in states.items()}
         if ref_states is not None:
@@ -335,27 +361,50 @@ class ReprPOTrainer(DPOTrainer):
         else:
             reference = {site: values[1].detach() for site, values in states.items()}
         hidden_loss = self.hidden_state_loss(self.sites.derive(policy), self.sites.derive(reference))
-        loss = self.args.dpo_weight * dpo_loss + self.args.alpha * hidden_loss
-        self.record("loss/dpo", dpo_loss)
+        if stops_early:
+            loss = self.args.alpha * hidden_loss
+        else:
+            loss = self.args.dpo_weight * dpo_loss + self.args.alpha * hidden_loss
+            self.record("loss/dpo", dpo_loss)
         self.record("loss/hidden", hidden_loss)
         return (loss, output[1]) if return_outputs else loss
+
+    def _truncated_forwards(self, model, inputs, reference: bool):
+        """dpo_weight 0: the policy forward, then (unless precomputed) the reference forward as TRL runs it (adapter
+        disabled, or the explicit reference model; no grad), each through the deepest site only: no later layer, no
+        LM head, no log-probs. Returns a zero standing in for the DPO term, which is neither computed nor logged."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        with truncated(model, self.forward_stops_after):
+            model(**model_kwargs, use_cache=False)
+        if reference:
+            if self.ref_model is not None:
+                ref_model, adapter = self.ref_model, contextlib.nullcontext()
+            else:
+                ref_model, unwrapped = model, self.accelerator.unwrap_model(self.model)
+                adapter = use_adapter(unwrapped, "ref" if "ref" in unwrapped.peft_config else None) if isinstance(unwrapped, PeftModel) else contextlib.nullcontext()
+            disabled = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+            with torch.no_grad(), disabled, adapter, truncated(ref_model, self.forward_stops_after):
+                ref_model(**model_kwargs, use_cache=False)
+        return torch.zeros((), device=self.accelerator.device)
 
     def hidden_state_loss(self, policy, reference):
         """mean over sites of mean_batch L_h on transformed states; logs each site's loss and the diagnostics.
 
-        policy, reference: {site: (2B, d)} pooled states, rows [B chosen; B rejected]."""
+        policy, reference: {site: (2B, d)} pooled states, rows [B chosen; B rejected]. A parametrized map (ortho)
+        is built once per call here, not once per use (torch's parametrize cache)."""
         loss_fn = HIDDEN_LOSSES[self.args.hidden_loss]
         site_losses, diagnostics = [], {}
-        for site in policy:
-            hc, hr = self.transforms(site, policy[site]).chunk(2)
-            rc, rr = self.transforms(site, reference[site]).chunk(2)  # states detached; transform still learns
-            per_example, diag = loss_fn(hc, hr, rc, rr, **self.hidden_loss_kwargs)
-            with torch.no_grad():
-                diag = {**preference_geometry(hc, hr, rc, rr), **diag}
-            site_losses.append(per_example.mean())
-            self.record(f"hidden/{site}", site_losses[-1])
-            for name, value in diag.items():
-                diagnostics.setdefault(name, []).append(value.mean())
+        with parametrize.cached():
+            for site in policy:
+                hc, hr = self.transforms(site, policy[site]).chunk(2)
+                rc, rr = self.transforms(site, reference[site]).chunk(2)  # states detached; transform still learns
+                per_example, diag = loss_fn(hc, hr, rc, rr, **self.hidden_loss_kwargs)
+                with torch.no_grad():
+                    diag = {**preference_geometry(hc, hr, rc, rr), **diag}
+                site_losses.append(per_example.mean())
+                self.record(f"hidden/{site}", site_losses[-1])
+                for name, value in diag.items():
+                    diagnostics.setdefault(name, []).append(value.mean())
         for name, values in diagnostics.items():
             self.record(f"hidden/{name}", torch.stack(values).mean())
         return torch.stack(site_losses).mean()
