@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from reprpo_trl import checkpoints, train  # noqa: E402
+from reprpo_trl import checkpoints  # noqa: E402
+from reprpo_trl.cli import train  # noqa: E402
 
 
 def kill():

@@ -14,7 +14,7 @@ from conftest import make_model
 from reprpo_trl import ReprPOConfig, ReprPOTrainer
 from reprpo_trl.dynamics import LLCArguments, LLCCallback, WeightStatsCallback, linear_regression_llc, weight_statistics
 from reprpo_trl.dynamics import hmm
-from reprpo_trl.dynamics.cli import main as dynamics_cli
+from reprpo_trl.cli.dynamics import main as dynamics_cli
 from reprpo_trl.dynamics.llc import trace_diagnostics
 from reprpo_trl.dynamics.matrices import trained_matrices
 from reprpo_trl.dynamics.phases import FitArguments, fit_runs

@@ -26,10 +26,10 @@ import pandas as pd
 
 from ..errors import InputError
 from ..io import read_table
+from .arguments import COVARIANCES
 from .stats import BIAS_STATS, MATRIX_STATS
 
 WEIGHT_FEATURES = MATRIX_STATS + BIAS_STATS
-COVARIANCES = ("diag", "full")
 
 
 def load_runs(paths: list[str]) -> dict[str, pd.DataFrame]:
