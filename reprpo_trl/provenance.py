@@ -2,13 +2,17 @@
 `reprpo train` leaves next to a trained model.
 
 The run record (`reprpo_run.json` in the output directory) is written last, after the model, so its presence
-means the training finished. It holds every setting of the run (`settings`) and their hash (`settings_hash`).
+means the training finished. It holds the run's settings (`settings`) and their hash (`settings_hash`); the
+Trainer's complete arguments are in training_args.bin beside it.
 
-A run's settings are every parsed field of its recipe after flags (run, trainer, model and adapter arguments),
-except those that say only where it writes and how it reports progress (PLACE_ONLY: output_dir, report_to,
-run_name, log levels, hub pushing, ...), plus what its inputs are: the sha256 of local data files, the base model
-(reprpo_trl.models.model_identity) and the contents of a shift_eval spec. Two runs with equal settings train the
-same model up to the nondeterminism of the device; reprpo-sweep keys its runs by the hash.
+A run's settings are the parsed fields (run, trainer, model and adapter arguments) whose values differ from their
+declared defaults: what the recipe, sweep overrides and flags set, and what follows from them (eval_steps from
+logging_steps, ...). Fields that say only where a run writes and how it reports progress (PLACE_ONLY: output_dir,
+report_to, run_name, log levels, hub pushing, ...) are left out; what the inputs are is added: the sha256 of local
+data files, the base model (reprpo_trl.models.model_identity), the contents of a shift_eval spec. Two runs with
+equal settings under the same code train the same model, up to the nondeterminism of the device; defaults belong
+to the code, so a package upgrade that adds a field (with a default that keeps the old behaviour) leaves every
+hash as it was. reprpo sweep keys its runs by the hash and states its policy on code revisions.
 """
 
 import enum
@@ -16,7 +20,7 @@ import hashlib
 import json
 import os
 import subprocess
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -78,8 +82,12 @@ def jsonable(value):
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
+def _declared_default(f):
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+
+
 def run_settings(run_args, train_args, model_args, adapter_args) -> dict:
-    """Every setting that shapes what a run produces (see the module docstring)."""
+    """The settings that shape what a run produces (see the module docstring)."""
     from .data.loading import data_identity
     from .eval import load_shift_spec
     from .models import model_identity
@@ -89,6 +97,7 @@ def run_settings(run_args, train_args, model_args, adapter_args) -> dict:
         for part in (run_args, train_args, model_args, adapter_args)
         for f in fields(part)
         if f.name not in PLACE_ONLY and not f.name.startswith(PLACE_ONLY_PREFIXES)
+        and jsonable(getattr(part, f.name)) != jsonable(_declared_default(f))
     }
     settings["data"] = [data_identity(spec) for spec in (run_args.train_dataset, run_args.eval_dataset) if spec]
     settings["base_model"] = model_identity(model_args.model_name_or_path)
