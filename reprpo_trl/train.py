@@ -29,7 +29,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, IntervalStrategy, TrainerCallback
 from trl import ModelConfig, TrlParser
 
 from . import packaged
@@ -285,6 +285,8 @@ def load_data(run_args: RunArguments, train_args, tokenizer):
     if run_args.eval_dataset and not evaluates:
         print(f"eval dataset {run_args.eval_dataset}: not loaded, this run evaluates nowhere (eval_strategy "
               f"{train_args.eval_strategy}, eval_steps {train_args.eval_steps}, max_steps {train_args.max_steps})")  # fmt: skip
+    if not evaluates:
+        train_args.eval_strategy = IntervalStrategy.NO  # nothing to evaluate on: the Trainer would refuse the schedule
     for split, spec, n in (
         ("train", run_args.train_dataset, run_args.max_train_samples),
         ("eval", run_args.eval_dataset if evaluates else None, run_args.max_eval_samples),
