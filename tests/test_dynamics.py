@@ -23,7 +23,7 @@ from reprpo_trl.errors import InputError
 
 
 def reference_stats(m: np.ndarray) -> dict:
-    """SPEC's statistics of one matrix, straight from the definitions in float64 numpy."""
+    """The statistics of one matrix (docs/methods.md), straight from the definitions in float64 numpy."""
     sigma = np.linalg.svd(m, compute_uv=False)
     kept = np.where(sigma < 1e-5, 0.0, sigma)
     l1, l2 = np.abs(m).sum(), np.sqrt((m**2).sum())

@@ -336,7 +336,7 @@ def test_act_matches_float64_reference(tmp_path, tokenizer, task):
 
 
 def test_logged_terms_do_not_depend_on_gradient_accumulation(tmp_path, tokenizer, task):
-    """ia2/act and ia2/tok are the step's true per-token means (SPEC clarification), whatever the split into
+    """ia2/act and ia2/tok are the step's true per-token means (docs/methods.md, IA2), whatever the split into
     micro-batches, and (1 - w) act + w tok is the logged loss."""
     logged = {}
     for batch, accumulation in ((4, 1), (2, 2), (1, 4)):

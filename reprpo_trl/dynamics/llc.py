@@ -1,4 +1,4 @@
-"""The local learning coefficient (SPEC "Training dynamics"), estimated with devinterp's `llc()`.
+"""The local learning coefficient (docs/methods.md "Training dynamics"), estimated with devinterp's `llc()`.
 
     lambda_hat(w*) = n_beta * (E_w[L(w)] - L(w*)),   w ~ exp(-n_beta L(w) - gamma/2 ||w - w*||^2)
 

@@ -1,4 +1,4 @@
-"""Preference accuracy and coherence of a model on preference datasets (SPEC "Evaluation across distribution shifts").
+"""Preference accuracy and coherence of a model on preference datasets (docs/methods.md "Evaluation across distribution shifts").
 
 For each pair, with l_t the log-prob of completion token t under the model:
     score_mean = mean_t l_t,  score_sum = sum_t l_t

@@ -1,4 +1,4 @@
-"""Shift specs: which datasets play which distribution shift (SPEC "Evaluation across distribution shifts").
+"""Shift specs: which datasets play which distribution shift (docs/methods.md "Evaluation across distribution shifts").
 
 A shift spec is a YAML mapping from shift to a list of dataset specs (see reprpo_trl.data.loading):
 
