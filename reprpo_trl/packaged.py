@@ -18,7 +18,7 @@ import yaml
 from .errors import InputError
 
 PREFIX = "pkg:"
-ROOT = Path(__file__).resolve().parent / "recipes"
+ROOT = (Path(__file__).parent / "recipes").resolve()  # in a source checkout, a link to the repository's recipes/
 
 
 def names() -> list[str]:
