@@ -8,11 +8,18 @@ so a checkpoint is complete exactly when that file exists. Resume takes the newe
     resume_from_checkpoint = <path>          that checkpoint; refused if it is incomplete
     resume_from_checkpoint = auto            the newest complete checkpoint in output_dir, or a fresh start
     resume_from_checkpoint = true | last     the newest complete checkpoint in output_dir; refused if there is none
+
+`StopAndSave` stops a run on request: after SIGTERM or SIGUSR1 (what a cluster sends before a time limit or a
+preemption), or once `<output_dir>/reprpo_stop` exists (a file a job script can touch on a shared filesystem), the
+current optimizer step finishes, a complete checkpoint is written, `reprpo_stopped.json` records where, and
+training ends. Processes agree on the step: the trainer gathers each one's `requested()` with the step's logged
+terms (trainers/guard.py, no extra synchronisation) and sets `agreed`.
 """
 
 import json
 import os
 import re
+import signal
 from pathlib import Path
 
 from accelerate import PartialState
@@ -22,6 +29,8 @@ from .errors import InputError
 from .io import atomic_write_text
 
 COMPLETE_MARKER = "reprpo_checkpoint.json"
+STOP_FILE, STOPPED_RECORD = "reprpo_stop", "reprpo_stopped.json"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -84,3 +93,42 @@ class CheckpointMarker(TrainerCallback):
                 files = sorted(p.name for p in checkpoint.iterdir() if p.name != COMPLETE_MARKER)
                 atomic_write_text(checkpoint / COMPLETE_MARKER, json.dumps({"step": state.global_step, "files": files}))
         state_.wait_for_everyone()
+
+
+class StopAndSave(TrainerCallback):
+    """Finishes the step, saves a complete checkpoint and ends training on a signal or a stop file (module docstring)."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.output_dir: str | None = None
+        self.agreed = False
+        self.stopped_at: int | None = None
+        self._previous = {}
+
+    def requested(self) -> bool:
+        """Whether this process was asked to stop."""
+        return self.signal is not None or Path(self.output_dir or ".", STOP_FILE).exists()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.signal, self.agreed, self.stopped_at, self.output_dir = None, False, None, args.output_dir
+        if PartialState().is_main_process:  # a stop request of an earlier, stopped run must not stop this one
+            Path(args.output_dir, STOP_FILE).unlink(missing_ok=True)
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.agreed:
+            self.stopped_at = state.global_step
+            control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        if self.stopped_at is not None and PartialState().is_main_process:
+            reason = self.signal or STOP_FILE
+            record = {"step": self.stopped_at, "reason": reason, "checkpoint": f"checkpoint-{self.stopped_at}"}
+            atomic_write_text(Path(args.output_dir) / STOPPED_RECORD, json.dumps(record))

@@ -3,6 +3,7 @@ line entry point runs in.
 
     InputError  bad input (a recipe key, a dataset row, a path): names the file/row/field and what to do; exit 2
     RunError    a run that cannot go on (a non-finite loss or gradient norm); says the step and the term; exit 1
+    Stopped     a run told to stop (SIGTERM, SIGUSR1, a stop file) that saved a checkpoint to resume from; exit 3
 
 `--debug` on the command line (removed before the arguments are parsed) or REPRPO_DEBUG=1 shows the full
 traceback instead. Any other exception is a bug and always shows its traceback.
@@ -18,14 +19,24 @@ DEBUG_FLAG, DEBUG_ENV = "--debug", "REPRPO_DEBUG"
 class InputError(ValueError):
     """Bad input from the user, named precisely; the command line prints it as one line and exits with 2."""
 
+    exit_code = 2
+
 
 class RunError(RuntimeError):
     """Training stopped for a reason the user must act on; the command line prints it as one line, exit 1."""
 
+    exit_code = 1
+
+
+class Stopped(RunError):
+    """Training stopped on request after saving a complete checkpoint; resume it with --resume_from_checkpoint auto."""
+
+    exit_code = 3
+
 
 def command(main):
     """Wrap an entry point `main(argv)`: InputError -> `error: <message>` on stderr and exit 2, RunError -> the
-    same with exit 1; the traceback only with --debug or REPRPO_DEBUG=1."""
+    same with exit 1 (Stopped: 3); the traceback only with --debug or REPRPO_DEBUG=1."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None):
@@ -40,7 +51,7 @@ def command(main):
             if debug:
                 raise
             print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-            raise SystemExit(2 if isinstance(error, InputError) else 1) from None
+            raise SystemExit(error.exit_code) from None
         finally:
             if DEBUG_FLAG in argv and before is None:
                 del os.environ[DEBUG_ENV]

@@ -24,11 +24,13 @@ in <output_dir>/log_history.jsonl (reprpo_trl.curves) and leaves a run record (r
 
 import argparse
 import difflib
+import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, IntervalStrategy, TrainerCallback
 from trl import ModelConfig, TrlParser
 
@@ -39,7 +41,8 @@ from .curves import LogHistoryCallback
 from .data import SUITE_SEED, check_truncation, load_preference_dataset, load_sft_dataset, on_disk, to_conversational
 from .data.loading import local_format, resolve_spec
 from .dynamics.callbacks import DynamicsArguments, attach_dynamics
-from .errors import InputError
+from .checkpoints import STOP_FILE
+from .errors import InputError, Stopped
 from .eval import load_shift_spec
 from .eval.callback import ShiftEvalCallback
 from .icl import load_icl_task
@@ -307,6 +310,18 @@ def load_data(run_args: RunArguments, train_args, tokenizer):
     return datasets
 
 
+def check_world() -> None:
+    """Refuse a launch whose processes do not form the world the launcher started (a GPU accelerate config on a
+    machine without GPUs gives processes that each believe they are alone), before any of them writes anything."""
+    launched, found = int(os.environ.get("WORLD_SIZE", "1")), PartialState().num_processes
+    if found != launched:
+        raise InputError(
+            f"the launcher started {launched} processes, but each sees a world of {found}: the accelerate config asks "
+            "for a backend this machine lacks (no GPU?). On CPU add `use_cpu: true` to the accelerate config or pass "
+            "`accelerate launch --cpu` (docs/launch.md)"
+        )
+
+
 class EvaluateOnlyAsAsked(TrainerCallback):
     """Drop the evaluation transformers adds after the last step of a step-based schedule when that step is no
     multiple of eval_steps (unless eval_on_end): a run evaluates where its recipe says, and nowhere else."""
@@ -345,6 +360,7 @@ def finish(trainer, run_args: RunArguments, model_args: ModelConfig):
 
 def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, adapter_args: AdapterArguments):
     """Load model, tokenizer and data and construct the trainer the recipe names."""
+    check_world()
     path = resolve_model(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     model = AutoModelForCausalLM.from_pretrained(
@@ -389,6 +405,9 @@ def run(argv: list[str] | None = None):
     run_args, train_args, model_args, adapter_args = parse_args(argv)
     trainer = build_trainer(run_args, train_args, model_args, adapter_args)
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)  # a path, or auto / true (checkpoints.py)
+    if (step := trainer.stop_and_save.stopped_at) is not None:  # not finished: no final model, no run record
+        raise Stopped(f"stopped at step {step} on {trainer.stop_and_save.signal or STOP_FILE}: checkpoint-{step} in "
+                      f"{train_args.output_dir} is complete; resume with --resume_from_checkpoint auto")  # fmt: skip
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
         apply_user_mode(train_args.output_dir)

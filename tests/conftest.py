@@ -10,6 +10,30 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# REPRPO_TEST_DEVICE=cuda runs every trainer of the suite on the GPU: the tests write use_cpu=True (CI has no GPU),
+# and this turns it off, in the test process and in the single-process runs it starts (tests/kill_harness.py). The
+# multi-process launches of test_distributed.py and test_launch.py keep their CPU (gloo, DeepSpeed-on-CPU) configs.
+DEVICE = os.environ.get("REPRPO_TEST_DEVICE", "cpu")
+
+
+def use_test_device() -> None:
+    if DEVICE == "cpu":
+        return
+    from transformers import TrainingArguments
+
+    original = TrainingArguments.__post_init__
+
+    def on_device(self):
+        self.use_cpu = False
+        original(self)
+
+    TrainingArguments.__post_init__ = on_device
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_device():
+    use_test_device()
+
 
 def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from conftest import use_test_device  # noqa: E402
 from reprpo_trl import checkpoints  # noqa: E402
 from reprpo_trl.cli import train  # noqa: E402
 
@@ -22,6 +24,7 @@ def kill():
 
 
 def main():
+    use_test_device()
     mode, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if mode == "after-checkpoint":
         on_save = checkpoints.CheckpointMarker.on_save

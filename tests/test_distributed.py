@@ -141,3 +141,52 @@ def test_fsdp2_gradient_edits_equal_one_process(tmp_path, tokenizer):
         assert (expected - p.grad).abs().max() > 0.1 * scale, "the edit changed nothing"
         torch.testing.assert_close(saved["grads"][name], expected, atol=1e-5 * scale, rtol=1e-4, msg=name)
     assert torch.equal(saved["written"], torch.full_like(saved["written"], 0.25))
+
+
+def test_zero2_checkpoint_resumes_to_the_uninterrupted_result(setup):
+    """DeepSpeed writes its own checkpoint (engine, optimizer partitions); the transforms live in the model, so they
+    come back with it. A run stopped after 2 of 4 steps (constant learning rate) and resumed ends where 4 steps in
+    one go end."""
+    tmp, _, recipes, _ = setup
+    recipe = yaml.safe_load(recipes[0].read_text())  # reprpo-ether
+    recipe.update(max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
+    path = tmp / "resume.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    config = tmp / "zero2_resume.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "num_processes": 2, "num_machines": 1, "machine_rank": 0,
+        "mixed_precision": "no", "use_cpu": True, "main_process_ip": "127.0.0.1", "main_process_port": 29640,
+        **BACKENDS["zero2"],
+    }))  # fmt: skip
+
+    def train(out, *flags):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "reprpo_trl.train",
+               "--config", str(path), "--output_dir", str(out), *flags]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    train(tmp / "straight")
+    train(tmp / "halves", "--max_steps", "2")
+    assert (tmp / "halves" / "checkpoint-2" / "reprpo_checkpoint.json").exists()
+    assert any(p.name.startswith("global_step") for p in (tmp / "halves" / "checkpoint-2").iterdir())  # DeepSpeed's own
+    train(tmp / "halves", "--resume_from_checkpoint", "auto")
+    one, two = weights(tmp / "straight"), weights(tmp / "halves")
+    assert one.keys() == two.keys() and any("transforms" in k for k in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_launch_that_forms_no_world_is_refused(tmp_path, setup):
+    """The shipped DDP config asks for GPUs; on a machine without them each process would believe it is alone (a
+    recipe with use_cpu: true forms the world on CPU instead)."""
+    _, _, recipes, _ = setup
+    recipe = {k: v for k, v in yaml.safe_load(recipes[2].read_text()).items() if k != "use_cpu"}
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "ddp.yaml"),
+           "--num_processes", "2", "--main_process_port", "29650", "-m", "reprpo_trl.train", "--config", str(path),
+           "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    assert "error: the launcher started 2 processes, but each sees a world of 1" in result.stderr
+    assert "use_cpu: true" in result.stderr and not (tmp_path / "out").exists()

@@ -58,3 +58,48 @@ def multi_cpu_config(tmp_path, port):
         "main_process_ip": "127.0.0.1", "main_process_port": port,
     }))  # fmt: skip
     return config
+
+
+def test_multinode_template_renders_the_launch_and_requeues_a_stopped_run(tmp_path):
+    """slurm/train_multinode.sbatch with srun, scontrol and accelerate stubbed: the launch command carries slurm's
+    node count, rank and rendezvous host; a USR1 to the script (what `--signal=B:USR1@300` sends) touches the stop
+    file, and a run that stopped before its end is requeued."""
+    import os
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "srun": 'shift; SLURM_NODEID=0 exec "$@"',  # drop --kill-on-bad-exit, run the task as node 0
+        "scontrol": f'if [ "$1" = show ]; then printf "gpu-a\\ngpu-b\\n"; else echo "$@" > {tmp_path}/scontrol; fi',
+        # training: record the command, wait for the stop file, then leave what a stopped run leaves
+        "accelerate": f'echo "$@" > {tmp_path}/launched; out="$(echo "$@" | sed "s/.*--output_dir \\([^ ]*\\).*/\\1/")"; '
+                      'for i in $(seq 200); do [ -f "$out/reprpo_stop" ] && break; sleep 0.05; done; '
+                      'echo "{}" > "$out/reprpo_stopped.json"',
+    }  # fmt: skip
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu-[a-b]"}  # fmt: skip
+    out = tmp_path / "out"
+    script = ROOT / "slurm" / "train_multinode.sbatch"
+    job = subprocess.Popen(["bash", str(script), "r.yaml", str(out), "accelerate_configs/zero2.yaml", "--seed", "3"],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for _ in range(200):
+        if (tmp_path / "launched").exists():
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    log, _ = job.communicate(timeout=60)
+    assert job.returncode == 0, log
+    launched = (tmp_path / "launched").read_text().split()
+    assert " ".join(launched) == (
+        "launch --config_file accelerate_configs/zero2.yaml --num_machines 2 --num_processes 8 --machine_rank 0 "
+        f"--main_process_ip gpu-a --main_process_port 29500 -m reprpo_trl.train --config r.yaml --output_dir {out} "
+        "--resume_from_checkpoint auto --seed 3"
+    )
+    assert (out / "reprpo_stop").exists() and "stop requested" in log
+    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "77"]
+    assert (tmp_path / "logs").is_dir()

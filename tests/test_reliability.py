@@ -304,3 +304,55 @@ def test_cli_stops_a_diverging_run_with_one_line_and_exit_1(tmp_path, saved_mode
     err = capsys.readouterr().err.strip().splitlines()
     assert "error: step 1: non-finite grad_norm = inf" in err[-1] and "Traceback" not in "\n".join(err)  # after a progress bar
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists() and not (tmp_path / "out" / "reprpo_run.json").exists()
+
+
+# --- stop on request (preemption) ---------------------------------------------------------------------------------
+
+
+def test_sigusr1_saves_a_checkpoint_then_resume_finishes_the_run(tmp_path, saved_model, monkeypatch):
+    """What a cluster does before a time limit: SIGUSR1 to the training process. It finishes the step, writes a
+    complete checkpoint and exits with 3; `--resume_from_checkpoint auto` then ends where an uninterrupted run ends."""
+    import json
+    import signal
+    import time
+
+    from reprpo_trl.checkpoints import STOPPED_RECORD
+
+    path = recipe(tmp_path, saved_model, {**RESUMED["reprpo-ether"], "max_steps": 30, "save_steps": 10}, "r")
+    out = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, "-m", "reprpo_trl.train", "--config", str(path), "--output_dir", str(out)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "checkpoint-10" / COMPLETE_MARKER).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 3, err[-2000:]
+    stopped = json.loads((out / STOPPED_RECORD).read_text())
+    assert stopped["reason"] == "SIGUSR1" and 10 <= stopped["step"] < 30
+    assert last_complete_checkpoint(out) == out / f"checkpoint-{stopped['step']}"
+    assert f"error: stopped at step {stopped['step']} on SIGUSR1" in err and not (out / "adapter_model.safetensors").exists()
+    calls = count_micro_steps(monkeypatch)
+    run(["--config", str(path), "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
+    assert len(calls) == (30 - stopped["step"]) * 2
+    run(["--config", str(path), "--output_dir", str(tmp_path / "straight")])
+    straight = final_weights(tmp_path / "straight")
+    for key, value in final_weights(out).items():
+        torch.testing.assert_close(value, straight[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_stop_file_ends_every_trainer_at_a_complete_checkpoint(tmp_path, tokenizer, pairs):
+    from reprpo_trl.checkpoints import STOP_FILE
+
+    class TouchStopFile(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                (tmp_path / "out" / STOP_FILE).touch()
+
+    trainer = make_trainer("reprpo", tmp_path, tokenizer, pairs, max_steps=5)
+    trainer.add_callback(TouchStopFile())
+    trainer.train()
+    assert trainer.stop_and_save.stopped_at == 2 and trainer.state.global_step == 2
+    assert last_complete_checkpoint(tmp_path / "out") == tmp_path / "out" / "checkpoint-2"
+    trainer.train(resume_from_checkpoint="auto")  # the stale stop file is cleared: the run finishes
+    assert trainer.state.global_step == 5 and trainer.stop_and_save.stopped_at is None

@@ -12,6 +12,7 @@ Text fields of local files are read as text even where they look like numbers ("
 import hashlib
 import itertools
 import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -224,5 +225,10 @@ def on_disk(dataset: Dataset) -> Dataset:
     if not path.exists():
         partial = path.with_name(path.name + f".tmp{os.getpid()}")
         dataset.save_to_disk(str(partial))
-        os.replace(partial, path)
+        try:
+            os.replace(partial, path)
+        except OSError:  # another process saved the same dataset first: keep its copy
+            if not path.exists():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     return load_from_disk(str(path))

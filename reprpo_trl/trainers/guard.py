@@ -21,6 +21,7 @@ no_grad, so every state a hook reads there would silently carry no gradient. TRL
 ZeRO-3 to work around a DeepSpeed recompute bug that DeepSpeed 0.19.8 fixed; these trainers undo that.
 """
 
+import contextlib
 import math
 from dataclasses import field
 
@@ -29,7 +30,7 @@ from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
 from transformers.utils import logging
 
 from .. import sharding
-from ..checkpoints import CheckpointMarker, last_complete_checkpoint, resolve_resume
+from ..checkpoints import CheckpointMarker, StopAndSave, last_complete_checkpoint, resolve_resume
 from ..errors import InputError, RunError
 
 NONFINITE_POLICIES = ("stop", "skip", "off")
@@ -74,7 +75,9 @@ class GuardedTrainer:
         self._term_reduce: dict[str, str] = {}
         self._step_losses: list[torch.Tensor] = []
         self.skipped_steps = 0
-        self.add_callback(CheckpointMarker())
+        self.stop_and_save = StopAndSave()
+        self.add_callback(self.stop_and_save)
+        self.add_callback(CheckpointMarker())  # after StopAndSave: its on_save marks the checkpoint a stop asked for
         if self.nonfinite_policy == "skip" and self.is_deepspeed_enabled:
             raise InputError(
                 "on_nonfinite=skip cannot run under DeepSpeed: its engine applies the optimizer step inside backward, "
@@ -133,9 +136,11 @@ class GuardedTrainer:
         if self.nonfinite_policy != "off" and grad_norm is not None:
             checked.append("grad_norm")
             values.append(grad_norm)
+        values.append(torch.tensor(float(self.stop_and_save.requested())))  # does any process want to stop?
         self.step_terms, self._step_losses = {}, []
         stacked = torch.stack([v.to(self.accelerator.device) for v in values])
         host = self.accelerator.gather(stacked).reshape(-1, len(values)).mean(0).tolist()  # the step's one sync
+        self.stop_and_save.agreed = host.pop() > 0
         for name, value in zip(names, host):
             self._metrics["train"][name].append(value)
         bad = [(name, value) for name, value in zip(checked, host) if not math.isfinite(value)]
@@ -168,7 +173,23 @@ class GuardedTrainer:
     def save_model(self, output_dir=None, _internal_call=False):
         if self.nonfinite_policy != "off":
             self._refuse_nonfinite_parameters()
-        super().save_model(output_dir, _internal_call)
+        with self._full_weights():
+            super().save_model(output_dir, _internal_call)
+
+    @contextlib.contextmanager
+    def _full_weights(self):
+        """Under FSDP with a sharded state dict the Trainer writes no model or adapter at all (its checkpoints keep
+        only shards): save gathered, loadable weights too. The shards stay for resuming."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            yield
+            return
+        sharded = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            yield
+        finally:
+            plugin.set_state_dict_type(sharded)
 
     @torch.no_grad()
     def _refuse_nonfinite_parameters(self) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import sharding
 from ..cache import load_tensors, save_tensors
+from ..errors import InputError
 from ..losses import HIDDEN_LOSSES, preference_geometry
 from ..models import cache_dir
 from ..sites import COLLECTIONS, POOLINGS, SIDE_DEFAULTS, Collection, decoder_layers, parse_layer_spec, side_patterns, unwrap
@@ -212,11 +213,19 @@ class ReprPOTrainer(DPOTrainer):
         self.collector = self.sites.collector
         self.hidden_loss_kwargs = args.hidden_loss_kwargs()
         kwargs = args.transform_kwargs()
-        if args.transform == "ortho" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            kwargs["dtype"] = "float32"  # one dtype for what the engine flattens or shards (transforms.Ortho)
-        spec = {site: {"name": args.transform, "dim": dim, **kwargs} for site, dim in self.sites.dims.items()}
         base = unwrap(self.model)
-        self.transforms = SiteTransforms(spec, base.get_output_embeddings().weight).to(self.args.device)
+        # DeepSpeed and FSDP flatten or shard the model's parameters in one dtype, the transforms' included
+        sharded_dtype = next(base.parameters()).dtype if self.is_deepspeed_enabled or self.is_fsdp_enabled else None
+        if args.transform == "ortho" and sharded_dtype is not None:
+            if args.bf16 or args.fp16 or sharded_dtype != torch.float32:
+                raise InputError(
+                    "transform=ortho under DeepSpeed or FSDP with 16-bit weights: the engine keeps the transform in "
+                    "the model's 16-bit dtype, for which torch's orthogonal parametrization has no kernels. Use hra "
+                    "or ether (orthogonal too), or train in float32 (bf16: false, dtype: float32)."
+                )
+            kwargs["dtype"] = "float32"
+        spec = {site: {"name": args.transform, "dim": dim, **kwargs} for site, dim in self.sites.dims.items()}
+        self.transforms = SiteTransforms(spec, base.get_output_embeddings().weight).to(self.args.device, sharded_dtype)
         self.transforms.requires_grad_(args.trains_transform)
         # A submodule of the model: zeroed, optimized, all-reduced and checkpointed with it; kept out of its weights
         base.add_module(TRANSFORMS_MODULE, self.transforms)
