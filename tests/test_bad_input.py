@@ -41,12 +41,10 @@ def _messages(content="a", role="assistant"):
 @pytest.fixture(scope="module")
 def d(tmp_path_factory):
     """A directory of bad (and a few good) inputs, and a tiny model saved at d/model."""
-    from conftest import make_model, make_tokenizer
+    from conftest import save_tiny
 
     d = tmp_path_factory.mktemp("bad_input")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer).save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
+    save_tiny(d / "model")
     pd.DataFrame(_pairs()).to_csv(d / "numbers.csv", index=False)  # " 30" ... : valid, looks like numbers
     pd.DataFrame(_pairs(chosen="")).to_csv(d / "empty_row7.csv", index=False)
     _jsonl(d / "null_row7.jsonl", _pairs(chosen=None))

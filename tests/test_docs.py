@@ -5,18 +5,15 @@ substituted); and no page cites a document outside the repository."""
 import re
 
 import pytest
-from conftest import make_model, make_tokenizer
+from conftest import save_tiny
 from docs_runner import DOCS, ROOT, Workspace, blocks
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        yield Workspace(root, str(root / "tiny"), monkeypatch)
+        yield Workspace(root, save_tiny(root / "tiny"), monkeypatch)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])

@@ -23,11 +23,16 @@ SUITE_SEED = 0  # reprpo_trl.data.SUITE_SEED (tested)
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reprpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--base, --models, --labels: what every evaluation command scores."""
     p.add_argument("--base", default=EMBEDDED, help="Base model: hub id, path or the embedded name.")
     p.add_argument("--models", nargs="*", default=[], help="Trained adapter or model directories.")
     p.add_argument("--labels", nargs="*", default=None, help="One label per --models entry (default: the run's method).")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reprpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
     p.add_argument("--shifts", default="pkg:shifts/suite.yaml", help="Shift spec YAML (a file, or pkg:shifts/<name>.yaml).")
     p.add_argument("--out", required=True, help="Results path without suffix; .parquet and .csv are written.")
     p.add_argument("--n", type=int, default=200, help="Pairs per dataset (the first n).")

@@ -13,16 +13,14 @@ example by --demo_seed.
 import argparse
 
 from ..errors import command
-from .eval import DTYPES, EMBEDDED, SUITE_SEED
+from .eval import DTYPES, SUITE_SEED, add_model_flags
 
 TABLE_COLUMNS = ["label", "zs_acc", "icl_acc", "icl_minus_zs_acc", "zs_top1", "zs_entropy", "zs_uncertainty", "zs_ece", "act_cos_mean"]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reprpo icl-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default=EMBEDDED, help="Base model: hub id, path or the embedded name.")
-    p.add_argument("--models", nargs="*", default=[], help="Trained adapter or model directories.")
-    p.add_argument("--labels", nargs="*", default=None, help="One label per --models entry (default: the run's method).")
+    add_model_flags(p)
     p.add_argument("--task", default="suite:sentiment", help="ICL task: suite:<task>, sst2, agnews, gsm8k, sciq or a file.")
     p.add_argument("--k", type=int, default=4, help="Demonstrations in the with-demonstrations setting.")
     p.add_argument("--n", type=int, default=200, help="Test examples.")
