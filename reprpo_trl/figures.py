@@ -144,6 +144,8 @@ def curve_plot(curves: pd.DataFrame, terms: list[str], groups: list[str], title:
             axis.set_ylabel(term)
             axis.set_xlabel("optimizer step")
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if part.step.nunique() == 1:  # one logged step: integer ticks need a range around it
+                axis.set_xlim(part.step.iloc[0] - 1, part.step.iloc[0] + 1)
         for axis in list(axes.flat)[len(terms) :]:
             axis.axis("off")
         runs = curves.groupby("group").n_runs.max()
