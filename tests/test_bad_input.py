@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from reprpo_trl import cli, evaluate, train
+from reprpo_trl import cli, evaluate, evaluate_icl, evaluate_mc, train
 from reprpo_trl.cli import demo, eval, icl_eval, report, sweep
 from reprpo_trl.cli import train as train_cli
 from reprpo_trl.data import load_preference_dataset
@@ -180,7 +180,8 @@ CASES = {  # id -> (command, argv, what the one-line message must say)
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_refused_in_one_line_with_exit_code_2_and_nothing_written(case, d, capsys, monkeypatch):
     command, argv, message = CASES[case]
-    monkeypatch.setattr(evaluate, "load_base", lambda *a, **k: pytest.fail("a model was evaluated before the check"))
+    for module in (evaluate, evaluate_icl, evaluate_mc):  # each holds its own name for it (imported here, unpatched)
+        monkeypatch.setattr(module, "load_base", lambda *a, **k: pytest.fail("a model was evaluated before the check"))
     monkeypatch.delenv("REPRPO_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         MAINS[command]([arg.format(d=d) for arg in argv])
