@@ -1,4 +1,4 @@
-"""The adapter a run trains (SPEC "Adapters"): one recipe section, one builder, used by every trainer.
+"""The adapter a run trains (docs/methods.md "Adapters"): one recipe section, one builder, used by every trainer.
 
     adapter:
       type: lora        # lora | ia3 | hira | prompt | prefix | full

@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .io import apply_user_mode
+
 CHECKSUM = "reprpo_sha256"
 
 
@@ -33,6 +35,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     save_file(tensors, str(partial), metadata={CHECKSUM: checksum(tensors)})
+    apply_user_mode(partial)  # safetensors writes 0600
     os.replace(partial, path)
 
 

@@ -42,6 +42,9 @@ def command(main):
     def wrapped(argv: list[str] | None = None):
         argv = list(sys.argv[1:] if argv is None else argv)
         debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        before = os.environ.get(DEBUG_ENV)
+        if DEBUG_FLAG in argv:  # a subcommand's own wrapper (reprpo <command> ...) sees it too
+            os.environ[DEBUG_ENV] = "1"
         try:
             return main([arg for arg in argv if arg != DEBUG_FLAG])
         except (InputError, RunError) as error:
@@ -49,5 +52,10 @@ def command(main):
                 raise
             print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
             raise SystemExit(error.exit_code) from None
+        finally:
+            if DEBUG_FLAG in argv and before is None:
+                del os.environ[DEBUG_ENV]
+            elif DEBUG_FLAG in argv:
+                os.environ[DEBUG_ENV] = before
 
     return wrapped

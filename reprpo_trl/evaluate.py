@@ -1,20 +1,10 @@
-"""reprpo-eval: preference accuracy and coherence of a base model and trained models across distribution shifts.
-
-    reprpo-eval --base embedded/SmolLM2-135M-Instruct --models outputs/dpo outputs/reprpo_prefvec \
-        --shifts recipes/shifts/suite.yaml --out results/eval
-
-Each of --models is a peft adapter directory (loaded onto --base) or a full model directory; every one is checked
-before anything is loaded or evaluated. Writes one row
-per (model, shift, dataset) to <out>.parquet and <out>.csv, atomically, with provenance: label, method,
-recipe, seed and learning rate from the run record reprpo-train leaves, the code revisions of training and
-evaluation, and each dataset's fingerprint.
-
-`reprpo-eval mc ...` scores the same models on multiple-choice benchmarks through lm-eval-harness instead
-(reprpo_trl.evaluate_mc; `reprpo-eval mc --help`).
+"""Preference accuracy and coherence of a base model and trained models across distribution shifts (the library
+of `reprpo eval`, reprpo_trl.cli.eval): the base model is loaded once; each trained model is a peft adapter
+directory put on it and taken off again, or a full model directory; every one is checked before anything loads.
+Results carry provenance: label, method, recipe, seed and learning rate from the run record reprpo train leaves,
+the code revisions of training and evaluation, the suite seed and each dataset's fingerprint.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -22,9 +12,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import InputError, command
+from .data import SUITE_SEED
+from .errors import InputError
 from .eval import add_coherence_ratio, evaluate_shifts, load_shift_spec, load_shifts
-from .io import write_table
 from .models import looks_like_path, resolve_model
 from .provenance import code_revision, read_run_record
 
@@ -84,10 +74,10 @@ def each_model(base_model, models: list[str], labels: list[str] | None = None, i
 def evaluate_models(
     base: str,
     models: list[str] = (),
-    shifts: dict[str, list[str]] | str = "recipes/shifts/suite.yaml",
+    shifts: dict[str, list[str]] | str = "pkg:shifts/suite.yaml",
     n: int = 200,
     batch_size: int = 16,
-    seed: int = 0,
+    seed: int = SUITE_SEED,
     labels: list[str] | None = None,
     dtype: str = "float32",
     max_length: int | None = None,
@@ -105,40 +95,3 @@ def evaluate_models(
     ]
     results = pd.concat(tables, ignore_index=True)
     return add_coherence_ratio(results, BASE_LABEL) if include_base else results
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="reprpo-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="embedded/SmolLM2-135M-Instruct", help="Base model: hub id, path or the embedded name.")
-    parser.add_argument("--models", nargs="*", default=[], help="Trained adapter or model directories.")
-    parser.add_argument("--labels", nargs="*", default=None, help="One label per --models entry (default: the run's method).")
-    parser.add_argument("--shifts", default="recipes/shifts/suite.yaml", help="Shift spec YAML (see recipes/shifts/).")
-    parser.add_argument("--out", required=True, help="Results path without suffix; .parquet and .csv are written.")
-    parser.add_argument("--n", type=int, default=200, help="Pairs per dataset (the first n).")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="Seed for generated (suite) datasets.")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--max_length", type=int, default=None, help="Truncate pairs to this many tokens.")
-    return parser.parse_args(argv)
-
-
-@command
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["mc"]:  # reprpo-eval mc ...: multiple-choice benchmarks through lm-eval (reprpo_trl.evaluate_mc)
-        from .evaluate_mc import main as mc_main
-
-        return mc_main(argv[1:])
-    args = parse_args(argv)
-    results = evaluate_models(
-        args.base, args.models, args.shifts, n=args.n, batch_size=args.batch_size, seed=args.seed,
-        labels=args.labels, dtype=args.dtype, max_length=args.max_length,
-    )  # fmt: skip
-    paths = write_table(results, args.out)
-    summary = results.groupby(["label", "shift"], sort=False)[["acc", "nll_ratio"]].mean().unstack("shift")
-    print(summary.round(3).to_string())
-    print("wrote", *paths)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
-"""Atomic writes: a result file is either complete or absent, never half-written; reading the user's YAML and
-result tables with errors that name the file."""
+"""Atomic writes: a result file is either complete or absent, never half-written, and has the permissions the
+user's umask gives any new file; reading the user's YAML (or a `pkg:` file the package ships) and result tables
+with errors that name the file; input paths written inside a YAML file resolve against that file's directory."""
 
 import io
 import os
@@ -10,17 +11,41 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from . import packaged
 from .errors import InputError
 
 
+def umask() -> int:
+    """The process's umask (os.umask can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def user_mode(directory: bool = False) -> int:
+    """The mode a new file (0666) or directory (0777) gets under the user's umask; temporary files and directories
+    are created 0600 / 0700, so what is renamed into place gets this mode first."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
+def apply_user_mode(path: str | os.PathLike) -> None:
+    """Give a file, or every file and directory under a directory, the mode the user's umask gives new ones:
+    safetensors writes 0600 files (adapters, transforms, cached targets, the dequantized model)."""
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.exists() and not item.is_symlink():
+            os.chmod(item, user_mode(directory=item.is_dir()))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it over `path`."""
+    """Write `data` to a temporary file next to `path`, give it the user's permissions, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, user_mode())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -58,12 +83,30 @@ def removed_on_error(directory: str | os.PathLike):
         raise
 
 
+def input_path(value: str, base_dir: str | os.PathLike | None = None) -> str:
+    """Where an input path named inside a YAML file points: `pkg:<name>` is the file the package ships; a relative
+    path is taken from `base_dir` (the YAML file's own directory) when given, so a recipe or grid means the same
+    files from any working directory; an absolute path is itself."""
+    value = str(value)
+    if value.startswith(packaged.PREFIX):
+        return str(packaged.resolve(value))
+    if base_dir is None or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base_dir, value))
+
+
+def yaml_dir(path: str | os.PathLike) -> Path:
+    """The directory of a YAML file (a `pkg:` one too): where the relative input paths inside it start."""
+    return Path(input_path(str(path))).absolute().parent
+
+
 def read_yaml(path: str | os.PathLike, what: str) -> dict:
-    """The YAML mapping in `path` ({} for an empty file); errors name `what` and the file."""
+    """The YAML mapping in `path` (or the `pkg:` file the package ships; {} for an empty file); errors name `what`
+    and the file, and point to the packaged copy of a file that is not where it was looked for."""
     try:
-        text = Path(path).read_text()
+        text = Path(input_path(str(path))).read_text()
     except (FileNotFoundError, IsADirectoryError):
-        raise InputError(f"{what} {str(path)!r}: no such file") from None
+        raise InputError(f"{what} {str(path)!r}: no such file{packaged.hint(str(path))}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

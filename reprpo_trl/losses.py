@@ -1,4 +1,4 @@
-"""Hidden-state losses L_h: pure functions of pooled states (SPEC "Hidden-state losses").
+"""Hidden-state losses L_h: pure functions of pooled states (docs/methods.md "Hidden-state losses").
 
 Every loss takes the pooled states of one site, each of shape (B, d):
     hc, hr  policy chosen / rejected (with gradient)

@@ -1,4 +1,4 @@
-"""Gradient projection onto a preference direction (SPEC "Gradient methods"): the math and where it applies.
+"""Gradient projection onto a preference direction (docs/methods.md "Gradient methods"): the math and where it applies.
 
 For a unit direction u in a module's output space and a tensor G whose output axis has that size,
 

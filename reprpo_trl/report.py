@@ -1,13 +1,15 @@
-"""reprpo-report: tables and a plot of preference accuracy and coherence over seeds, from reprpo-eval results.
+"""Reports: tables and figures of preference accuracy and coherence over seeds, from reprpo-eval results
+(`reprpo report`, reprpo_trl.cli.report; training curves of run directories: reprpo_trl.curves).
 
-    reprpo-report results/*.parquet --out reports/suite
+    reprpo report results/*.parquet --out reports/suite
 
 For each method (results `label`) and shift: the per-seed value is the mean over the shift's datasets; the
 table shows the mean over seeds ± the half-width of the 95% t-interval,
     mean ± t_{0.975, n-1} · s / sqrt(n)        (s: sample standard deviation over the n seeds)
 with no interval for n = 1. Tables: absolute accuracy, gain over the base model in percentage points,
 coherence (NLL of chosen completions relative to base; above 1 = less coherent). Rows of the `validation`
-shift select models and never appear in a table. Writes report.md, summary.csv and shifts.png atomically.
+shift select models and never appear in a table. Writes report.md, summary.csv and shifts.png atomically; the
+settings a report states (pairs per dataset, suite seed, datasets, seeds) are read from the results themselves.
 Given reprpo-icl-eval results instead, it writes icl_report.md, icl_summary.csv and icl.png: accuracy without
 and with demonstrations, calibration error and activation similarity, per method and task, over seeds.
 Multiple-choice rows (reprpo-eval mc; shift "benchmark") get a method x benchmark section in the same report.md
@@ -15,23 +17,19 @@ Multiple-choice rows (reprpo-eval mc; shift "benchmark") get a method x benchmar
 mc.png) and, beside preference rows, one table with both per method.
 """
 
-import argparse
-import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from .errors import InputError, command  # noqa: E402
-from .eval import REPORTED_SHIFTS, add_coherence_ratio  # noqa: E402
-from .eval.mc import MC_SHIFT  # noqa: E402
-from .evaluate import BASE_LABEL  # noqa: E402
-from .io import atomic_write_bytes, atomic_write_text, read_table  # noqa: E402
+from .errors import InputError
+from .eval import REPORTED_SHIFTS, add_coherence_ratio
+from .eval.mc import MC_SHIFT, mc_chance
+from .evaluate import BASE_LABEL
+from .figures import Panel, interval_plot
+from .icl.loading import icl_chance
+from .io import atomic_write_bytes, atomic_write_text, read_table
 
 METRICS = {  # name -> (column, scale, subtract base, title)
     "accuracy": ("acc", 1.0, False, "Preference accuracy"),
@@ -50,6 +48,17 @@ MC_METRICS = {  # reprpo-eval mc results: one column per benchmark, plus their a
     "mc_acc_norm": ("acc_norm", 1.0, False, "Length-normalised benchmark accuracy (acc_norm, where the task defines it)"),
 }
 MC_AVERAGE = "average"
+PANELS = {  # what each figure draws, one panel per metric
+    "shifts": [Panel("accuracy", "preference accuracy", 0.5, "chance", ylim=(0, 1)),
+               Panel("gain_pp", "gain over base (pp)", 0.0, "base", include_base=False),
+               Panel("nll_ratio", "NLL(chosen) / NLL(base)", 1.0, "base", ratio=True, include_base=False)],
+    "mc": [Panel("mc_acc", "accuracy (acc)", ylim=(0, 1), chance=True),
+           Panel("mc_gain_pp", "gain over base (pp)", 0.0, "base", include_base=False)],
+    "icl": [Panel("zs_acc", "accuracy, no demos", ylim=(0, 1), chance=True),
+            Panel("icl_acc", "accuracy, k demos", ylim=(0, 1), chance=True),
+            Panel("zs_ece", "ECE, no demos", ylim=(0, 1)),
+            Panel("act_cos_mean", "attention-output cosine\nto base with demos", ylim=(-0.05, 1.05))],
+}  # fmt: skip
 
 
 RESULT_COLUMNS = {  # the command that writes a results table -> the columns a report reads from it
@@ -133,43 +142,25 @@ def markdown_table(summary: pd.DataFrame, metric: str, digits: int) -> str:
     return table.fillna("").rename_axis("method").to_markdown(disable_numparse=True)  # keep the digits asked for
 
 
-def plot(summary: pd.DataFrame, metrics: dict = METRICS, stacked: bool = False) -> bytes:
-    """Grouped bars (one group per shift or task, one bar per method) with 95% intervals, one panel per metric
-    (side by side, or `stacked` full-width panels for many groups such as benchmarks); PNG."""
-    labels, shifts = _order(summary)
-    if stacked:
-        fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 1.0 * len(shifts) + 2), 3.4 * len(metrics) + 0.8))
-    else:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
-    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
-    for ax, (metric, (*_, title)) in zip(axes, metrics.items()):
-        part = summary[summary.metric == metric].set_index(["label", "shift"])
-        present = [x for x in labels if x in set(part.index.get_level_values(0))]
-        width = 0.8 / max(len(present), 1)
-        for i, label in enumerate(present):
-            rows = part.loc[label].reindex(shifts)
-            x = np.arange(len(shifts)) + (i - (len(present) - 1) / 2) * width
-            ax.bar(x, rows["mean"], width, yerr=rows.ci95.fillna(0), capsize=3, label=label, color=colors[label])
-        if stacked:
-            ax.set_xticks(np.arange(len(shifts)), shifts, rotation=20, ha="right", fontsize=9)
-        else:
-            ax.set_xticks(np.arange(len(shifts)), [s.replace("_", "\n") for s in shifts])
-        ax.set_title(title, fontsize=10)
-        if metric.endswith("gain_pp"):
-            ax.axhline(0, color="black", lw=0.8)
-        if metric == "nll_ratio":
-            ax.axhline(1, color="black", lw=0.8, ls="--")
-        if metric == "accuracy":
-            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        if metric.endswith("acc"):
-            ax.set_ylim(0, 1)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 if stacked else 0.07, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+def figure(summary: pd.DataFrame, panels: list[Panel], title: str, chance: dict[str, float] | None = None, width: float = 3.5) -> bytes:
+    """The summary as an interval plot (reprpo_trl.figures): groups (shifts, benchmarks, tasks) in report order."""
+    labels, groups = _order(summary)
+    return interval_plot(summary, panels, groups, labels, title, BASE_LABEL, chance, width)
+
+
+def counts(values) -> str:
+    """'64' or '4–64': how many pairs (documents, examples) the results hold per dataset."""
+    values = sorted({int(v) for v in values if pd.notna(v)})
+    if not values:
+        return "?"
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
+def evaluated_with(results: pd.DataFrame) -> str:
+    """The evaluation settings the results record: pairs per dataset and the suite seed(s) that drew them."""
+    seeds = sorted({int(v) for v in results.get("eval_seed", pd.Series(dtype=float)).dropna()})
+    seed = f"; suite seed {', '.join(map(str, seeds))}" if seeds else ""
+    return f"{counts(results['n'])} pairs per dataset{seed}" if "n" in results else f"pairs per dataset not recorded{seed}"
 
 
 def mc_summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -192,7 +183,10 @@ def mc_section(results: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[Pa
              "![mc](mc.png)", ""]  # fmt: skip
     for metric, (*_, heading) in MC_METRICS.items():
         lines += [f"### {heading}", "", markdown_table(summary, metric, 1 if metric.endswith("pp") else 3), ""]
-    atomic_write_bytes(out_dir / "mc.png", plot(summary, {k: MC_METRICS[k] for k in ("mc_acc", "mc_gain_pp")}, stacked=True))
+    groups = _order(summary)[1]
+    title = f"Multiple-choice benchmarks: mean ± 95% t-interval over seeds\n{counts(rows.n)} documents per benchmark, k = {', '.join(map(str, shots))}"
+    png = figure(summary, PANELS["mc"], title, mc_chance(groups), width=max(3.5, 0.42 * len(groups) + 1.0))
+    atomic_write_bytes(out_dir / "mc.png", png)
     atomic_write_text(out_dir / "mc_summary.csv", summary.to_csv(index=False))
     return lines, [out_dir / "mc_summary.csv", out_dir / "mc.png"]
 
@@ -217,12 +211,14 @@ def write_report(results: pd.DataFrame, out_dir, title: str | None = None, notes
     title = title or "Preference accuracy across distribution shifts"
     summary = summarize(results)
     seeds = summary[summary.label != BASE_LABEL].n_seeds
-    datasets = results[results["shift"].isin(REPORTED_SHIFTS)].groupby("shift", sort=False).dataset.unique()
+    reported = results[results["shift"].isin(REPORTED_SHIFTS)]
+    datasets = reported.groupby("shift", sort=False).dataset.unique()
     lines = [
         f"# {title}",
         "",
         f"Mean over seeds ± half-width of the 95% t-interval (seeds per method: {sorted(set(seeds)) or [1]}); "
-        "each seed's value is the mean over the shift's datasets. Base = the model before training.",
+        f"each seed's value is the mean over the shift's datasets; {evaluated_with(reported)} (as the results "
+        "record them). Base = the model before training.",
         "",
         "Datasets: " + "; ".join(f"{shift}: {', '.join(map(str, sets))}" for shift, sets in datasets.items()),
         "",
@@ -238,7 +234,9 @@ def write_report(results: pd.DataFrame, out_dir, title: str | None = None, notes
         lines += ["## Preference accuracy beside benchmark accuracy", "", side_by_side(summary, mc_summary(results)), "", *mc_lines]
     if notes:
         lines += [notes, ""]
-    atomic_write_bytes(out_dir / "shifts.png", plot(summary))
+    plot_title = (f"Preference accuracy across shifts: mean ± 95% t-interval over seeds\n"
+                  f"{evaluated_with(reported)}; datasets per shift: see report")  # fmt: skip
+    atomic_write_bytes(out_dir / "shifts.png", figure(summary, PANELS["shifts"], plot_title))
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(out_dir / "report.md", "\n".join(lines))
     return [out_dir / "report.md", out_dir / "summary.csv", out_dir / "shifts.png", *mc_paths]
@@ -255,27 +253,8 @@ def write_icl_report(results: pd.DataFrame, out_dir, title: str = "ICL accuracy 
              "![icl](icl.png)", ""]  # fmt: skip
     for metric, (*_, heading) in ICL_METRICS.items():
         lines += [f"## {heading}", "", markdown_table(summary, metric, 3), ""]
-    atomic_write_bytes(out_dir / "icl.png", plot(summary, ICL_METRICS))
+    plot_title = f"ICL without and with demonstrations: mean ± 95% t-interval over seeds\nk = {k}, {counts(results.n)} test examples per task"
+    atomic_write_bytes(out_dir / "icl.png", figure(summary, PANELS["icl"], plot_title, icl_chance(list(summary["shift"].unique()))))
     atomic_write_text(out_dir / "icl_summary.csv", summary.to_csv(index=False))
     atomic_write_text(out_dir / "icl_report.md", "\n".join(lines))
     return [out_dir / "icl_report.md", out_dir / "icl_summary.csv", out_dir / "icl.png"]
-
-
-@command
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="reprpo-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="reprpo-eval (preference and/or mc) or reprpo-icl-eval result files (.parquet or .csv), with the base rows.")
-    parser.add_argument("--out", required=True, help="Directory for report.md, summary.csv and shifts.png.")
-    parser.add_argument("--title", default=None, help="Report title (default: after what the results hold).")
-    args = parser.parse_args(argv)
-    if "zs_acc" in read_results(args.results[0]):
-        tables = [read_results(p, "reprpo-icl-eval") for p in args.results]
-        paths = write_icl_report(pd.concat(tables, ignore_index=True), args.out)
-    else:
-        paths = write_report(load_results(args.results), args.out, args.title)
-    for path in paths:
-        print("wrote", path)
-
-
-if __name__ == "__main__":
-    main()

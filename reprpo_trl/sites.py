@@ -1,4 +1,4 @@
-"""Where activations are read (SPEC "Sites"): pooled by forward hooks on decoder layers chosen by a layer spec.
+"""Where activations are read (docs/methods.md "Sites"): pooled by forward hooks on decoder layers chosen by a layer spec.
 
 Collections:
     hs          residual output h_l of each chosen decoder layer l

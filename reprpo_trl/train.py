@@ -1,6 +1,7 @@
-"""reprpo-train: one training run from a YAML recipe, with CLI flags overriding the recipe.
+"""reprpo train: one training run from a YAML recipe, with CLI flags overriding the recipe (the command line is
+reprpo_trl.cli.train; this module is the library it calls, and `python -m reprpo_trl.train` for accelerate).
 
-    reprpo-train --config recipes/reprpo_prefvec.yaml [--learning_rate 1e-4 ...]
+    reprpo train --config recipes/reprpo_prefvec.yaml [--learning_rate 1e-4 ...]     (or --config pkg:reprpo_prefvec.yaml)
     accelerate launch --config_file accelerate_configs/ddp.yaml -m reprpo_trl.train --config recipes/...
 
 The recipe's `trainer` key picks the trainer and so the config class whose fields it may set:
@@ -10,31 +11,44 @@ are TRL's ModelConfig
 (model_name_or_path, dtype, ...); the `adapter:` section is `AdapterArguments` (reprpo_trl.adapters); data keys
 are `RunArguments` below. `--key=value` means `--key value`. Bad input (an unknown or misspelled key, a value of
 the wrong kind, a missing file) is refused before anything is loaded or written, as one line naming the key
-(see reprpo_trl.errors; --debug shows the traceback).
+(see reprpo_trl.errors; --debug shows the traceback). TRL's use_peft / lora_* and quantized-loading keys, which
+this command does not use, are refused and left out of --help.
+
+Input paths written in a recipe (a local dataset file, a shift_eval spec, a local model, a DeepSpeed config)
+resolve against the recipe's own directory, `pkg:<name>` against the recipes the package ships; output_dir and
+init_adapter (another run's output_dir) against the working directory. A run does only what its recipe asks: with
+eval_strategy "no" the eval dataset is not loaded, and a step-based schedule evaluates only at multiples of
+eval_steps (transformers' extra evaluation after the last step needs eval_on_end). Every run keeps its log history
+in <output_dir>/log_history.jsonl (reprpo_trl.curves) and leaves a run record (reprpo_trl.provenance).
 """
 
+import argparse
 import difflib
 import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, IntervalStrategy, TrainerCallback
 from trl import ModelConfig, TrlParser
 
+from . import packaged
 from .adapters import AdapterArguments, build_peft_config, check_combination, flatten_section
-from .data import check_truncation, load_preference_dataset, load_sft_dataset, on_disk, to_conversational
-from .data.loading import local_format
+from .argv import flag_value, split_flag_values
+from .curves import LogHistoryCallback
+from .data import SUITE_SEED, check_truncation, load_preference_dataset, load_sft_dataset, on_disk, to_conversational
+from .data.loading import local_format, resolve_spec
 from .dynamics.callbacks import DynamicsArguments, attach_dynamics
 from .checkpoints import STOP_FILE
-from .errors import InputError, Stopped, command
+from .errors import InputError, Stopped
 from .eval import load_shift_spec
 from .eval.callback import ShiftEvalCallback
-from .io import read_yaml, removed_on_error
+from .icl import load_icl_task
+from .io import apply_user_mode, input_path, read_yaml, yaml_dir
 from .models import resolve_model
 from .provenance import write_run_record
-from .icl import load_icl_task
 from .trainers import (
     DPOConfig,
     DPOTrainer,
@@ -88,6 +102,16 @@ class RunArguments(DynamicsArguments):
         default=0.05,
         metadata={"help": "Refuse to train when more than this fraction of pairs is longer than max_length."},
     )
+    suite_seed: int = field(
+        default=SUITE_SEED,
+        metadata={"help": "Seed that draws generated (suite:...) datasets; the same default in reprpo train, eval, "
+                  "icl-eval, demo and sweep. The training `seed` does not change which pairs a run sees."},
+    )  # fmt: skip
+    eval_on_end: bool = field(
+        default=False,
+        metadata={"help": "With eval_strategy steps, also evaluate after the last step when it is no multiple of "
+                  "eval_steps (transformers' default; off: evaluations happen only where eval_steps puts them)."},
+    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,22 +127,6 @@ class RunArguments(DynamicsArguments):
             load_shift_spec(self.shift_eval)
 
 
-def split_flag_values(argv: list[str]) -> list[str]:
-    """`--key=value` -> `--key value`, so that --config=x.yaml and --trainer=dpo mean what the spaced forms mean."""
-    return [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--") and "=" in arg else [arg])]
-
-
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The value after `flag` in `argv` (either form), or None when the flag is absent."""
-    argv = split_flag_values(argv)
-    if flag not in argv:
-        return None
-    i = argv.index(flag) + 1
-    if i == len(argv) or argv[i].startswith("--"):
-        raise InputError(f"{flag} needs a value")
-    return argv[i]
-
-
 def trainer_name(argv: list[str], recipe: dict | None = None) -> str:
     """The trainer named by --trainer, else by the recipe's `trainer` key, else the default."""
     name = flag_value(argv, "--trainer") or (recipe or {}).get("trainer", RunArguments.trainer)
@@ -127,11 +135,62 @@ def trainer_name(argv: list[str], recipe: dict | None = None) -> str:
     return name
 
 
+ADAPTER_HINT = ("describe the adapter in the recipe's `adapter:` section (type: lora, r: 16, ...) or with --adapter lora "
+                "--adapter_r 16 ...")  # fmt: skip
+
+
+def refused(key: str) -> str | None:
+    """Why a key of TRL's ModelConfig that reprpo train does not use is refused (None: the key is used)."""
+    if key in ("use_peft", "use_rslora", "use_dora") or key.startswith("lora_"):
+        return f"{key}: use_peft/lora_* are not used here: {ADAPTER_HINT}"
+    if key in ("load_in_8bit", "load_in_4bit", "use_bnb_nested_quant") or key.startswith("bnb_4bit"):
+        return f"{key}: quantized loading is not part of reprpo train, so it would be ignored; remove it"
+    return None
+
+
 class _Parser(TrlParser):
-    """TrlParser whose errors (a value of the wrong type, an ambiguous flag) are InputErrors, not a usage dump."""
+    """TrlParser whose errors (a value of the wrong type, an ambiguous flag) are InputErrors, not a usage dump, and
+    whose help leaves out the keys reprpo train refuses."""
+
+    def __init__(self, classes, **kwargs):
+        super().__init__(classes, **kwargs)
+        for action in self._actions:
+            if refused(action.dest):
+                action.help = argparse.SUPPRESS
 
     def error(self, message):
         raise InputError(f"{message}; fix it in the recipe or on the command line")
+
+
+def parser(trainer: str) -> _Parser:
+    """The argument parser of a run with `trainer` (what --help shows)."""
+    description = (f"Flags of trainer {trainer} ({TRAINERS[trainer][1].__name__} with {TRAINERS[trainer][0].__name__}); "
+                   f"each is also a recipe key. `--trainer NAME --help` lists another trainer's: {', '.join(TRAINERS)}.")  # fmt: skip
+    return _Parser((RunArguments, TRAINERS[trainer][0], ModelConfig, AdapterArguments), prog="reprpo train", description=description)
+
+
+INPUT_KEYS = ("train_dataset", "eval_dataset", "shift_eval", "model_name_or_path", "deepspeed")
+
+
+def resolve_inputs(values: dict, base_dir) -> dict:
+    """The input paths among `values` (a recipe, or a sweep grid's train_overrides) resolved against `base_dir`, the
+    YAML file's directory: dataset specs naming a local file or directory, a shift spec, a local model (./ ../ or
+    an existing directory there), a DeepSpeed JSON; `pkg:` names; only the values that change."""
+    resolved = {}
+    for key in INPUT_KEYS:
+        value = values.get(key)
+        if not isinstance(value, str):
+            continue
+        if key in ("train_dataset", "eval_dataset"):
+            new = resolve_spec(value, base_dir)
+        elif key == "model_name_or_path":
+            local = value.startswith(("./", "../", packaged.PREFIX)) or (Path(base_dir) / value).is_dir()
+            new = input_path(value, base_dir) if local else value
+        else:
+            new = input_path(value, base_dir)
+        if new != value:
+            resolved[key] = new
+    return resolved
 
 
 def _unknown(key: str, known: set[str], trainer: str, flag: bool = False) -> str:
@@ -159,6 +218,8 @@ def check_keys(parser: TrlParser, classes: tuple, recipe: dict, recipe_path: str
     numbers = {f.name: _number_type(f.type) for c in classes for f in fields(c)}
     where = f"recipe {recipe_path!r}"
     for key, value in recipe.items():
+        if refused(str(key)):
+            raise InputError(f"{where}: {refused(str(key))}")
         if key not in known and key != "env":
             raise InputError(f"{where}: {_unknown(str(key), known, trainer)}")
         if numbers.get(key) and isinstance(value, (list, dict)):
@@ -169,6 +230,9 @@ def check_keys(parser: TrlParser, classes: tuple, recipe: dict, recipe_path: str
     if recipe_path is not None:
         i = argv.index("--config")
         argv = argv[:i] + argv[i + 2 :]
+    for token in argv:
+        if token.startswith("--") and refused(token[2:]):
+            raise InputError(refused(token[2:]))
     for token in parser.parse_known_args(argv)[1]:
         if token.startswith("--"):
             raise InputError(_unknown(token[2:], known, trainer, flag=True))
@@ -183,20 +247,21 @@ def parse_args(argv: list[str] | None = None):
     argv = split_flag_values(sys.argv[1:] if argv is None else argv)
     recipe_path = flag_value(argv, "--config")
     recipe = {} if recipe_path is None else read_yaml(recipe_path, "recipe")
-    if recipe.get("use_peft") or "--use_peft" in argv:
-        raise InputError("use_peft/lora_* are not used here: describe the adapter in the recipe's `adapter:` section "
-                         "(type: lora, r: 16, ...) or with --adapter lora --adapter_r 16 ...")  # fmt: skip
-    section = recipe.get("adapter")
-    if isinstance(section, dict):
-        argv = argv[: argv.index("--config") + 2] + flatten_section(section) + argv[argv.index("--config") + 2 :]
+    if recipe_path is not None:  # the recipe's file for TrlParser (a pkg: name resolved), then what it adds as flags
+        at = argv.index("--config") + 2
+        argv[at - 1] = input_path(recipe_path)
+        section = recipe.get("adapter")
+        inputs = resolve_inputs(recipe, yaml_dir(recipe_path))
+        added = (flatten_section(section) if isinstance(section, dict) else []) + [x for k, v in inputs.items() for x in (f"--{k}", v)]
+        argv = argv[:at] + added + argv[at:]  # before the command line's own flags, which still win
     trainer = trainer_name(argv, recipe)
     classes = (RunArguments, TRAINERS[trainer][0], ModelConfig, AdapterArguments)
-    parser = _Parser(classes)
-    check_keys(parser, classes, recipe, recipe_path, argv, trainer)
-    if isinstance(section, dict):  # the section is in the flags now; as a default it would not be a string
-        parser.set_defaults(adapter=AdapterArguments.adapter)
+    arguments = parser(trainer)
+    check_keys(arguments, classes, recipe, recipe_path, argv, trainer)
+    if isinstance(recipe.get("adapter"), dict):  # the section is in the flags now; as a default it would not be a string
+        arguments.set_defaults(adapter=AdapterArguments.adapter)
     try:
-        run_args, train_args, model_args, adapter_args = parser.parse_args_and_config(argv)
+        run_args, train_args, model_args, adapter_args = arguments.parse_args_and_config(argv)
     except InputError:
         raise
     except ValueError as error:  # a config's __post_init__ refusing a value: the user's input, named there
@@ -205,17 +270,34 @@ def parse_args(argv: list[str] | None = None):
     return run_args, train_args, model_args, adapter_args
 
 
+def will_evaluate(run_args: RunArguments, train_args) -> bool:
+    """Whether the run evaluates at all: not with eval_strategy "no", nor with a step schedule whose first
+    evaluation lies beyond max_steps (and no eval_on_start or eval_on_end); then its eval set is not even loaded."""
+    if train_args.eval_strategy == "no":
+        return False
+    if train_args.eval_strategy == "steps" and train_args.max_steps > 0 and not (run_args.eval_on_end or train_args.eval_on_start):
+        steps = train_args.eval_steps or train_args.logging_steps
+        return not (steps >= 1 and train_args.max_steps < steps)
+    return True
+
+
 def load_data(run_args: RunArguments, train_args, tokenizer):
     """Train and eval datasets from their specs, checked for truncation against `max_length`."""
     datasets = {}
+    evaluates = will_evaluate(run_args, train_args)
+    if run_args.eval_dataset and not evaluates:
+        print(f"eval dataset {run_args.eval_dataset}: not loaded, this run evaluates nowhere (eval_strategy "
+              f"{train_args.eval_strategy}, eval_steps {train_args.eval_steps}, max_steps {train_args.max_steps})")  # fmt: skip
+    if not evaluates:
+        train_args.eval_strategy = IntervalStrategy.NO  # nothing to evaluate on: the Trainer would refuse the schedule
     for split, spec, n in (
         ("train", run_args.train_dataset, run_args.max_train_samples),
-        ("eval", run_args.eval_dataset, run_args.max_eval_samples),
+        ("eval", run_args.eval_dataset if evaluates else None, run_args.max_eval_samples),
     ):
         if spec is None:
             continue
         load = load_sft_dataset if run_args.trainer == "sft" else load_preference_dataset
-        dataset = load(spec, n=n, seed=train_args.seed)
+        dataset = load(spec, n=n, seed=run_args.suite_seed)
         if run_args.conversational and run_args.trainer == "sft":
             raise InputError("conversational: true turns preference pairs into chat messages; trainer sft trains on the "
                              "Alpaca prompt of instruction rows. Remove conversational from the recipe.")  # fmt: skip
@@ -240,6 +322,42 @@ def check_world() -> None:
         )
 
 
+class EvaluateOnlyAsAsked(TrainerCallback):
+    """Drop the evaluation transformers adds after the last step of a step-based schedule when that step is no
+    multiple of eval_steps (unless eval_on_end): a run evaluates where its recipe says, and nowhere else."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == "steps" and state.global_step >= state.max_steps and state.global_step % state.eval_steps:
+            control.should_evaluate = False
+
+
+class UserFileMode(TrainerCallback):
+    """Give every file a checkpoint save wrote the mode of the user's umask (safetensors writes 0600)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            apply_user_mode(args.output_dir)
+
+
+def name_base_model(model, name: str) -> None:
+    """Record `name`, as the recipe gives it (the embedded name, a hub id, a path), as the base model of the adapter
+    the run saves, rather than the directory it was loaded from (for the embedded model, a cache path that means
+    nothing on another machine)."""
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = name
+
+
+def finish(trainer, run_args: RunArguments, model_args: ModelConfig):
+    """What every trainer built here gets: its log history kept on disk, its files in the user's mode, evaluations
+    only where asked, the base model named as given, and the training-dynamics callbacks the recipe asks for."""
+    trainer.add_callback(LogHistoryCallback())
+    trainer.add_callback(UserFileMode())
+    if not run_args.eval_on_end:
+        trainer.add_callback(EvaluateOnlyAsAsked())
+    name_base_model(trainer.model, model_args.model_name_or_path)
+    return attach_dynamics(trainer, run_args)
+
+
 def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, adapter_args: AdapterArguments):
     """Load model, tokenizer and data and construct the trainer the recipe names."""
     check_world()
@@ -254,11 +372,11 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
     _, trainer_class = TRAINERS[run_args.trainer]
     if run_args.trainer == "ia2":
         examples, pool = load_icl_task(run_args.train_dataset, "train", n=run_args.max_train_samples,
-                                       pool_size=run_args.demo_pool_size, seed=train_args.seed)  # fmt: skip
+                                       pool_size=run_args.demo_pool_size, seed=run_args.suite_seed)  # fmt: skip
         peft_config = None if train_args.init_adapter else build_peft_config(adapter_args, model)  # a2t/t2a: its own
         trainer = trainer_class(model, args=train_args, train_dataset=examples, demo_pool=pool, processing_class=tokenizer,
                                 peft_config=peft_config)  # fmt: skip
-        return attach_dynamics(trainer, run_args)
+        return finish(trainer, run_args, model_args)
     datasets = load_data(run_args, train_args, tokenizer)
     trainer = trainer_class(
         model,
@@ -272,10 +390,10 @@ def build_trainer(run_args: RunArguments, train_args, model_args: ModelConfig, a
         trainer.add_callback(
             ShiftEvalCallback(
                 trainer, load_shift_spec(run_args.shift_eval), every=run_args.shift_eval_steps, n=run_args.shift_eval_samples,
-                batch_size=train_args.per_device_eval_batch_size, seed=train_args.seed,
+                batch_size=train_args.per_device_eval_batch_size, seed=run_args.suite_seed,
             )
         )  # fmt: skip
-    return attach_dynamics(trainer, run_args)
+    return finish(trainer, run_args, model_args)
 
 
 def _recipe_path(argv: list[str] | None) -> str | None:
@@ -292,16 +410,12 @@ def run(argv: list[str] | None = None):
                       f"{train_args.output_dir} is complete; resume with --resume_from_checkpoint auto")  # fmt: skip
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
-        write_run_record(train_args.output_dir, run_args, train_args, model_args, adapter_args.adapter, _recipe_path(argv))
+        apply_user_mode(train_args.output_dir)
+        write_run_record(train_args.output_dir, run_args, train_args, model_args, adapter_args, _recipe_path(argv), trainer)
     return trainer
 
 
-@command
-def main(argv: list[str] | None = None) -> None:
-    """reprpo-train: `run`; a refused run leaves no output directory behind (the Trainer creates it when built)."""
-    with removed_on_error(parse_args(argv)[1].output_dir):
-        run(argv)
+if __name__ == "__main__":  # `python -m reprpo_trl.train` / `accelerate launch -m reprpo_trl.train`: reprpo train
+    from .cli.train import main
 
-
-if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Maps applied to every pooled state of a site before the hidden-state loss (SPEC "Transforms").
+"""Maps applied to every pooled state of a site before the hidden-state loss (docs/methods.md "Transforms").
 
 The same map is applied to policy and reference states. Each takes (N, d) and returns (N, d).
 

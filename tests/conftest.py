@@ -82,10 +82,14 @@ def pairs():
     return make_family("add_small", "train", n=16)
 
 
-@pytest.fixture
-def saved_model(tmp_path, tokenizer):
-    """A tiny random model and its tokenizer saved to a directory, for code that loads by path."""
-    path = tmp_path / "tiny"
+def save_tiny(path) -> str:
+    """A tiny random model and its tokenizer saved to `path`, for code that loads by path."""
+    tokenizer = make_tokenizer()
     make_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    return save_tiny(tmp_path / "tiny")

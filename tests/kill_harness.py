@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from conftest import use_test_device  # noqa: E402
-from reprpo_trl import checkpoints, train  # noqa: E402
+from reprpo_trl import checkpoints  # noqa: E402
+from reprpo_trl.cli import train  # noqa: E402
 
 
 def kill():

@@ -12,14 +12,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from reprpo_trl import demo, evaluate, evaluate_icl, report, sweep, train
+from reprpo_trl import cli, evaluate, evaluate_icl, evaluate_mc, train
+from reprpo_trl.cli import demo, eval, icl_eval, report, sweep
+from reprpo_trl.cli import train as train_cli
 from reprpo_trl.data import load_preference_dataset
 from reprpo_trl.errors import InputError
 from reprpo_trl.icl import load_icl_task
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-MAINS = {"train": train.main, "demo": demo.main, "eval": evaluate.main, "icl-eval": evaluate_icl.main,
-         "report": report.main, "sweep": sweep.main}
+MAINS = {"train": train_cli.main, "demo": demo.main, "eval": eval.main, "icl-eval": icl_eval.main,
+         "report": report.main, "sweep": sweep.main, "reprpo": cli.main}
 
 
 def _pairs(n=10, **row7):
@@ -39,12 +41,10 @@ def _messages(content="a", role="assistant"):
 @pytest.fixture(scope="module")
 def d(tmp_path_factory):
     """A directory of bad (and a few good) inputs, and a tiny model saved at d/model."""
-    from conftest import make_model, make_tokenizer
+    from conftest import save_tiny
 
     d = tmp_path_factory.mktemp("bad_input")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer).save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
+    save_tiny(d / "model")
     pd.DataFrame(_pairs()).to_csv(d / "numbers.csv", index=False)  # " 30" ... : valid, looks like numbers
     pd.DataFrame(_pairs(chosen="")).to_csv(d / "empty_row7.csv", index=False)
     _jsonl(d / "null_row7.jsonl", _pairs(chosen=None))
@@ -73,6 +73,7 @@ def d(tmp_path_factory):
         "typo": {"trainer": "dpo", "learnign_rate": 1e-4},
         "adapter_typo": {"trainer": "dpo", "adapter": {"type": "lora", "targtes": "qv"}},
         "ppo": {"trainer": "ppo"},
+        "lora_key": {"trainer": "dpo", "lora_alpha": 16},
     }
     for name, recipe in recipes.items():
         (d / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
@@ -87,6 +88,7 @@ def d(tmp_path_factory):
     (d / "grid_trainer.yaml").write_text(yaml.safe_dump(grid))
     (d / "grid_key.yaml").write_text(yaml.safe_dump({**grid, "methods": {**grid["methods"], "bad": str(d / "typo.yaml")}}))
     (d / "grid_list.yaml").write_text(yaml.safe_dump([grid]))
+    (d / "grid_policy.yaml").write_text(yaml.safe_dump({**grid, "code_revision": "always"}))
     return d
 
 
@@ -159,13 +161,27 @@ CASES = {  # id -> (command, argv, what the one-line message must say)
     "sweep-unknown-trainer": ("sweep", ["--config", "{d}/grid_trainer.yaml"], r"grid_trainer.yaml', method 'bad' \(\S*ppo.yaml\): trainer='ppo'"),
     "sweep-bad-key": ("sweep", ["--config", "{d}/grid_key.yaml"], r"method 'bad' \(\S*typo.yaml\): recipe .*unknown key learnign_rate"),
     "sweep-grid-is-a-list": ("sweep", ["--config", "{d}/grid_list.yaml"], r"sweep grid '\S*grid_list.yaml' is a YAML list"),
+    "sweep-code-policy": ("sweep", ["--config", "{d}/grid_policy.yaml"], r"code_revision 'always': choose one of \('record', 'match'\)"),
+    # keys of TRL this command does not use; packaged recipes; the suite's split sizes; the one command
+    "lora-flag": ("train", [*DPO, "--lora_r", "8"], r"lora_r: use_peft/lora_\* are not used here: describe the adapter in the recipe's `adapter:` section"),
+    "lora-recipe-key": ("train", ["--config", "{d}/lora_key.yaml", *TRAIN], r"lora_key.yaml': lora_alpha: use_peft/lora_\* are not used here"),
+    "quantized-loading": ("train", [*DPO, "--load_in_4bit", "true"], r"load_in_4bit: quantized loading is not part of reprpo train"),
+    "pkg-name-missing": ("train", ["--config", "pkg:nope.yaml", *TRAIN], r"pkg:nope.yaml: the package ships no such file; `reprpo recipes list` lists them"),
+    "recipe-path-hint": ("train", ["--config", "{d}/recipes/dpo.yaml", *TRAIN], r"no such file; the package ships it as pkg:dpo.yaml"),
+    "suite-split-smaller-than-n": ("train", [*DPO, "--train_dataset", "suite:sub_small:validation", "--max_train_samples", "300"],
+                                   r"suite:sub_small:validation has 234 pairs, fewer than the 300 asked for"),  # fmt: skip
+    "suite-split-too-large-to-take-whole": ("train", ["--trainer", "dpo", "--model_name_or_path", "{d}/model", "--use_cpu", "true",
+                                                      "--output_dir", "{d}/out", "--train_dataset", "suite:add_large:train"],
+                                            r"suite:add_large:train is too large to take whole; give a number of pairs"),  # fmt: skip
+    "unknown-command": ("reprpo", ["trian", "--config", "x.yaml"], r"unknown command 'trian'; did you mean `reprpo train`\?"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_refused_in_one_line_with_exit_code_2_and_nothing_written(case, d, capsys, monkeypatch):
     command, argv, message = CASES[case]
-    monkeypatch.setattr(evaluate, "load_base", lambda *a, **k: pytest.fail("a model was evaluated before the check"))
+    for module in (evaluate, evaluate_icl, evaluate_mc):  # each holds its own name for it (imported here, unpatched)
+        monkeypatch.setattr(module, "load_base", lambda *a, **k: pytest.fail("a model was evaluated before the check"))
     monkeypatch.delenv("REPRPO_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         MAINS[command]([arg.format(d=d) for arg in argv])
@@ -180,10 +196,12 @@ def test_refused_in_one_line_with_exit_code_2_and_nothing_written(case, d, capsy
 def test_debug_shows_the_exception(d, monkeypatch):
     argv = ["--config", str(d / "list.yaml"), "--output_dir", str(d / "out")]
     with pytest.raises(InputError, match="is a YAML list"):
-        train.main([*argv, "--debug"])
+        train_cli.main([*argv, "--debug"])
+    with pytest.raises(InputError, match="is a YAML list"):  # through `reprpo train`, two wrappers deep
+        cli.main(["train", *argv, "--debug"])
     monkeypatch.setenv("REPRPO_DEBUG", "1")
     with pytest.raises(InputError, match="is a YAML list"):
-        train.main(argv)
+        train_cli.main(argv)
 
 
 def test_command_line_process_prints_one_line_and_exits_2(d):

@@ -1,5 +1,7 @@
 """The offline suite, the hub/file loader on local files, row validation and the truncation check."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from datasets import Dataset
@@ -115,3 +117,36 @@ def test_truncation_fraction_and_refusal(tokenizer):
     assert check_truncation(ds, tokenizer, 20, 0.3, "mine") == 0.25
     with pytest.raises(ValueError, match=r"dataset 'mine': 25.0% of 4 pairs exceed max_length=20"):
         check_truncation(ds, tokenizer, 20, 0.1, "mine")
+
+
+def test_one_default_suite_seed_everywhere():
+    import inspect
+
+    from reprpo_trl import evaluate, evaluate_icl, sweep
+    from reprpo_trl.cli import eval as eval_cli
+    from reprpo_trl.cli import icl_eval
+    from reprpo_trl.data import SUITE_SEED, load_preference_dataset
+    from reprpo_trl.icl import load_icl_task
+    from reprpo_trl.train import RunArguments
+
+    defaults = [RunArguments().suite_seed, eval_cli.SUITE_SEED, sweep.Grid.__dataclass_fields__["eval_seed"].default,
+                eval_cli.parser().get_default("suite_seed"), icl_eval.parser().get_default("suite_seed"),
+                *(inspect.signature(f).parameters["seed"].default for f in (load_preference_dataset, load_icl_task, make_family,
+                                                                             evaluate.evaluate_models))]  # fmt: skip
+    assert defaults == [SUITE_SEED] * len(defaults) == [0] * len(defaults)
+    assert inspect.signature(evaluate_icl.evaluate_icl_models).parameters["suite_seed"].default == SUITE_SEED
+
+
+def test_split_sizes_are_what_docs_data_md_says():
+    """A spec without n is the whole split, of the size the table in docs/data.md gives; the families too large
+    to take whole are refused without n."""
+    import re
+
+    table = (Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| (\d+) \| (\d+) \| (\d+) \|$", table, flags=re.M)
+    assert [name for name, *_ in rows] == ["add_small", "sub_small", "capitals"]
+    for name, *sizes in rows:
+        for split, size in zip(("train", "validation", "test"), sizes):
+            assert len(make_family(name, split)) == int(size)
+    with pytest.raises(ValueError, match="too large to take whole; give a number of pairs"):
+        make_family("add_word", "test")

@@ -14,7 +14,7 @@ from conftest import make_model
 from reprpo_trl import ReprPOConfig, ReprPOTrainer
 from reprpo_trl.dynamics import LLCArguments, LLCCallback, WeightStatsCallback, linear_regression_llc, weight_statistics
 from reprpo_trl.dynamics import hmm
-from reprpo_trl.dynamics.cli import main as dynamics_cli
+from reprpo_trl.cli.dynamics import main as dynamics_cli
 from reprpo_trl.dynamics.llc import trace_diagnostics
 from reprpo_trl.dynamics.matrices import trained_matrices
 from reprpo_trl.dynamics.phases import FitArguments, fit_runs
@@ -23,7 +23,7 @@ from reprpo_trl.errors import InputError
 
 
 def reference_stats(m: np.ndarray) -> dict:
-    """SPEC's statistics of one matrix, straight from the definitions in float64 numpy."""
+    """The statistics of one matrix (docs/methods.md), straight from the definitions in float64 numpy."""
     sigma = np.linalg.svd(m, compute_uv=False)
     kept = np.where(sigma < 1e-5, 0.0, sigma)
     l1, l2 = np.abs(m).sum(), np.sqrt((m**2).sum())

@@ -17,7 +17,7 @@ from conftest import make_model
 from reprpo_trl.demo import compare
 from reprpo_trl.eval import add_coherence_ratio, check_shift_spec, load_shift_spec, preference_metrics, score_pairs
 from reprpo_trl.evaluate import evaluate_models
-from reprpo_trl.evaluate import main as eval_main
+from reprpo_trl.cli.eval import main as eval_main
 from reprpo_trl.io import read_table
 from reprpo_trl.provenance import RUN_RECORD
 

@@ -272,7 +272,7 @@ def test_prediction_metrics_on_a_model_that_always_says_p():
 
 
 def test_icl_eval_cli(tmp_path, tokenizer, task, saved_model):
-    from reprpo_trl.evaluate_icl import main as icl_main
+    from reprpo_trl.cli.icl_eval import main as icl_main
     from reprpo_trl.io import read_table
 
     trainer = ia2_trainer(tmp_path, tokenizer, task, model=AutoModelForCausalLM.from_pretrained(saved_model))
@@ -286,7 +286,7 @@ def test_icl_eval_cli(tmp_path, tokenizer, task, saved_model):
     assert results.icl_minus_zs_acc.tolist() == (results.icl_acc - results.zs_acc).tolist()
     layers = [c for c in results if c.startswith("act_cos_") and c != "act_cos_mean"]
     assert len(layers) == 4 and results[layers].abs().le(1 + 1e-6).all().all()
-    from reprpo_trl.report import main as report_main
+    from reprpo_trl.cli.report import main as report_main
 
     report_main([str(out.with_suffix(".parquet")), "--out", str(tmp_path / "report")])
     text = (tmp_path / "report" / "icl_report.md").read_text()
@@ -336,7 +336,7 @@ def test_act_matches_float64_reference(tmp_path, tokenizer, task):
 
 
 def test_logged_terms_do_not_depend_on_gradient_accumulation(tmp_path, tokenizer, task):
-    """ia2/act and ia2/tok are the step's true per-token means (SPEC clarification), whatever the split into
+    """ia2/act and ia2/tok are the step's true per-token means (docs/methods.md, IA2), whatever the split into
     micro-batches, and (1 - w) act + w tok is the logged loss."""
     logged = {}
     for batch, accumulation in ((4, 1), (2, 2), (1, 4)):

@@ -21,7 +21,7 @@ def log_sigmoid(x):
     return -np.log1p(np.exp(-x))
 
 
-# ---- float64 references, written from SPEC without torch ----
+# ---- float64 references, written from docs/methods.md without torch ----
 def ref_geometry(hc, hr, rc, rr):
     p, q = rc - rr, hc - hr
     pn = np.linalg.norm(p, axis=-1)
@@ -103,7 +103,7 @@ INIT_VALUES = {
 
 @pytest.mark.parametrize("name", sorted(HIDDEN_LOSSES))
 def test_value_at_initialisation(name):
-    """pi = ref: every loss has the value SPEC gives."""
+    """pi = ref: every loss has the value docs/methods.md gives."""
     _, _, rc, rr = random_states(seed=2)
     loss, _ = HIDDEN_LOSSES[name](rc.clone(), rr.clone(), rc, rr)
     np.testing.assert_allclose(loss.numpy(), INIT_VALUES[name], atol=1e-5)

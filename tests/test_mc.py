@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from reprpo_trl.data.commonsense import FAMILIES, alpaca_prompt, load_sft_dataset, make_commonsense, make_mc_docs
 from reprpo_trl.eval.mc import MC_SHIFT, check_tasks, task_manager
-from reprpo_trl.evaluate import main as eval_main
+from reprpo_trl.cli.eval import main as eval_main
 from reprpo_trl.evaluate_mc import evaluate_mc_models
 from reprpo_trl.io import read_table
 from reprpo_trl.provenance import read_run_record
@@ -138,7 +138,7 @@ def test_reprpo_eval_mc_cli_and_report(known_answer, tmp_path):
     eval_main(["--base", known_answer["base"], "--models", known_answer["dpo"], "--shifts", str(_shifts(tmp_path)), "--n", "4",
                "--out", str(preference)])  # fmt: skip
     report = tmp_path / "report"
-    from reprpo_trl.report import main as report_main
+    from reprpo_trl.cli.report import main as report_main
 
     report_main([str(preference.with_suffix(".parquet")), str(out.with_suffix(".parquet")), "--out", str(report)])
     text = (report / "report.md").read_text()

@@ -295,7 +295,7 @@ def test_damaged_ia2_target_cache_is_recomputed(how, tmp_path, tokenizer):
 
 
 def test_cli_stops_a_diverging_run_with_one_line_and_exit_1(tmp_path, saved_model, capsys):
-    from reprpo_trl.train import main
+    from reprpo_trl.cli.train import main
 
     path = recipe(tmp_path, saved_model, {**RESUMED["reprpo-ether"], "alpha": 1e30}, "r")
     with pytest.raises(SystemExit) as exit_:

@@ -81,3 +81,32 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         rio.write_table(pd.DataFrame({"a": [1, 2]}), tmp_path / "eval")
     assert target.read_bytes() == b"old" and not (tmp_path / "eval.csv").exists()
     assert sorted(os.listdir(tmp_path)) == ["eval.parquet"]  # no temporary files left behind
+
+
+def _run(directory, method: str, rows: list[dict]):
+    import json
+
+    directory.mkdir(parents=True)
+    (directory / "reprpo_run.json").write_text(json.dumps({"method": method, "learning_rate": 1e-4}))
+    (directory / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')  # cut off
+
+
+def test_training_curves_aggregate_seeds_with_intervals(tmp_path, capsys):
+    """reprpo report on run directories: per method and step the mean over seeds ± the 95% t-interval of every
+    logged term (a half-written last line is skipped); one run is drawn without an interval."""
+    from reprpo_trl.cli.report import main
+    from reprpo_trl.curves import curve_summary
+
+    for seed, offset in ((1, 0.0), (2, 0.2), (3, 0.4)):
+        _run(tmp_path / f"dpo_s{seed}", "reprpo-prefvec", [{"step": s, "loss": 1.0 + offset - 0.1 * s, "loss/hidden": 0.5 * s, "epoch": s}
+                                                            for s in (1, 2)])  # fmt: skip
+    _run(tmp_path / "single", "dpo", [{"step": 1, "loss": 0.7, "rewards/margins": 0.1}])
+    summary = curve_summary(sorted(tmp_path.glob("*"))).set_index(["group", "term", "step"])
+    row = summary.loc[("reprpo-prefvec", "loss", 2)]
+    assert row["mean"] == pytest.approx(1.0) and row.n_runs == 3
+    assert row.ci95 == pytest.approx(4.302652729911275 * 0.2 / np.sqrt(3))  # t_{0.975,2} * s / sqrt(3), s = 0.2
+    assert summary.loc[("reprpo-prefvec", "loss/hidden", 1)]["mean"] == pytest.approx(0.5)
+    assert np.isnan(summary.loc[("dpo", "rewards/margins", 1)].ci95) and "epoch" not in summary.index.get_level_values("term")
+    main([*map(str, sorted(tmp_path.glob("*"))), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| reprpo-prefvec | 3 |" in (tmp_path / "report" / "curves.md").read_text()

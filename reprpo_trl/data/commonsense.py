@@ -22,7 +22,7 @@ import random
 from datasets import Dataset
 
 from .loading import load_file_or_hub
-from .suite import CAPITALS, SPLITS, _split_of
+from .suite import CAPITALS, SPLITS, SUITE_SEED, _split_of
 
 COMMONSENSE_170K = "zwhe99/commonsense_170k"
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
@@ -143,7 +143,7 @@ def _instruction_row(family: str, question: str, choices: list[str], gold: int) 
             "labels": labels}  # fmt: skip
 
 
-def make_mc_docs(family: str, split: str = "test", n: int = 200, seed: int = 0) -> Dataset:
+def make_mc_docs(family: str, split: str = "test", n: int = 200, seed: int = SUITE_SEED) -> Dataset:
     """`n` unique multiple-choice documents of `family` from `split`: question, choices, gold (index), and the
     same item in Commonsense-170K format (instruction, output, answer, labels)."""
     if family not in FAMILIES:
@@ -165,7 +165,7 @@ def make_mc_docs(family: str, split: str = "test", n: int = 200, seed: int = 0) 
     raise ValueError(f"commonsense suite family {family!r} split {split!r} has fewer than {n} unique items; ask for fewer")
 
 
-def make_commonsense(split: str = "train", n: int = 700, seed: int = 0) -> Dataset:
+def make_commonsense(split: str = "train", n: int = 700, seed: int = SUITE_SEED) -> Dataset:
     """The offline Commonsense-170K stand-in: `n` rows (instruction, input, output, answer) spread evenly over the
     families and interleaved, from `split`."""
     per_family = -(-n // len(FAMILIES))
@@ -196,7 +196,7 @@ def to_prompt_completion(row: dict) -> dict:
     return {"prompt": alpaca_prompt(row["instruction"], row["input"] or ""), "completion": row["output"]}
 
 
-def load_sft_dataset(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
+def load_sft_dataset(spec: str, n: int | None = None, seed: int = SUITE_SEED) -> Dataset:
     """Instruction rows named by `spec` as prompt/completion pairs, first `n` rows, every row validated.
 
     spec: `suite:commonsense:<split>` (offline stand-in), `commonsense_170k` (the hub copy), a local

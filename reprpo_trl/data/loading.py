@@ -9,6 +9,7 @@ Rows need `prompt`, `chosen` and `rejected`, as strings or as chat message lists
 Text fields of local files are read as text even where they look like numbers (" 37" stays " 37").
 """
 
+import hashlib
 import itertools
 import os
 import shutil
@@ -20,8 +21,9 @@ from datasets import Dataset, Features, Json, LargeList, List, Value, load_datas
 from datasets.exceptions import DatasetGenerationError
 
 from ..errors import InputError
+from ..io import input_path
 from ..models import looks_like_path
-from .suite import make_family
+from .suite import SUITE_SEED, make_family
 from .tokenize import tokenize_pair
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -43,6 +45,32 @@ def local_format(spec: str) -> str | None:
             raise InputError(f"dataset {spec!r}: no such file")
         return FILE_FORMATS[path.suffix]
     return None
+
+
+def resolve_spec(spec: str, base_dir) -> str:
+    """A dataset spec written inside a YAML file, with its local file or directory taken from `base_dir` (the
+    YAML's directory): a first part with a readable suffix, starting with ./ or ../, or naming an existing directory
+    there. Suite and hub specs are unchanged."""
+    first, colon, rest = spec.partition(":")
+    if spec.startswith("suite:") or os.path.isabs(first):
+        return spec
+    if Path(first).suffix in FILE_FORMATS or first.startswith(("./", "../")) or (Path(base_dir) / first).is_dir():
+        return input_path(first, base_dir) + colon + rest
+    return spec
+
+
+def data_identity(spec: str) -> str:
+    """What a dataset spec's rows are, for a run's identity: the sha256 of a local file (of a local directory's
+    files), else the spec itself (suite data are fixed by spec, n and seed; a hub dataset is taken as named)."""
+    first = spec.split(":")[0]
+    path = Path(first)
+    if spec.startswith("suite:") or not path.exists():
+        return spec
+    digest = hashlib.sha256()
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix() if path.is_dir() else ""
+        digest.update(name.encode() + file.read_bytes())
+    return f"{spec} sha256:{digest.hexdigest()[:16]}"
 
 
 def _has_no_rows(path: str, builder: str) -> bool:
@@ -94,12 +122,13 @@ def read_file(path: str, text_fields: tuple[str, ...]) -> Dataset:
     return dataset
 
 
-def load_preference_dataset(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
-    """Load the dataset named by `spec`, keep the first `n` rows, and validate every row."""
+def load_preference_dataset(spec: str, n: int | None = None, seed: int = SUITE_SEED) -> Dataset:
+    """Load the dataset named by `spec`, keep the first `n` rows (all without `n`), and validate every row; `seed`
+    draws the pairs of a suite spec."""
     builder = local_format(spec)
     if spec.startswith("suite:"):
         _, family, split = (spec.split(":") + ["train"])[:3]
-        dataset = make_family(family, split, n=n or 600, seed=seed)
+        dataset = make_family(family, split, n=n, seed=seed)
     else:
         dataset = load_file_or_hub(spec, PREFERENCE_FIELDS)
     if n is not None:

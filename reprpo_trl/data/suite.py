@@ -12,15 +12,24 @@ shift each one plays (see docs/data.md):
 
 `train`, `validation` and `in_domain` (test) come from the same family but from disjoint operand pairs; the
 validation split is for model selection only and is never reported.
+
+Every generated dataset of the package (this suite, the ICL suite, the Commonsense-170K stand-in) is drawn with
+`suite_seed`, default SUITE_SEED = 0 in reprpo-train, -eval, -icl-eval, -demo and -sweep alike; the training
+`seed` (initialisation, data order) does not change which pairs a run sees. The first n pairs of a split are the
+same for every n (rows are drawn in one seeded order). Without n, `make_family` gives the whole split of the
+families whose splits are small enough to take whole (SPLIT_SIZES: add_small, sub_small, capitals); add_word
+(300,000 pairs in all) and add_large (about 4.9e8) need an n.
 """
 
 import hashlib
 import random
+from functools import lru_cache
 
 from datasets import Dataset
 
 from ..errors import InputError
 
+SUITE_SEED = 0  # the one default seed of every generated dataset
 SUITE_SHIFTS = {  # shift -> dataset specs (see reprpo_trl.data.loading)
     "train": ["suite:add_small:train"],
     "in_domain": ["suite:add_small:test"],
@@ -94,6 +103,30 @@ FAMILIES = {
 
 
 SPLITS = ("train", "validation", "test")
+TEST_FRACTION, VALIDATION_FRACTION = 0.3, 0.1
+_OFFSETS = (-3, -2, -1, 1, 2, 3)
+
+
+def _every_pair(name: str):
+    """Every (key, prompt, rejected) the generator of family `name` can draw, for the families small enough to
+    take whole; None for the others."""
+    if name == "add_small":
+        return (((a, b), _question(f"What is {a} + {b}?"), a + b + d) for a in range(1, 26) for b in range(1, 26) for d in _OFFSETS)
+    if name == "sub_small":
+        return (((a, b), _question(f"What is {a} - {b}?"), a - b + d) for a in range(10, 61) for b in range(1, 10) for d in _OFFSETS)
+    if name == "capitals":
+        return (((country,), _question(t.format(country=country)), CAPITALS[other])
+                for country in CAPITALS for t in _CAPITAL_TEMPLATES for other in CAPITALS if other != country)  # fmt: skip
+    return None
+
+
+@lru_cache(maxsize=None)
+def split_size(name: str, split: str) -> int | None:
+    """How many distinct pairs `split` of family `name` has (None: too many to take whole)."""
+    pairs = _every_pair(name)
+    if pairs is None:
+        return None
+    return len({(prompt, wrong) for key, prompt, wrong in pairs if _split_of(key, TEST_FRACTION, VALIDATION_FRACTION) == split})
 
 
 def _split_of(key: tuple, test_fraction: float, validation_fraction: float) -> str:
@@ -102,25 +135,33 @@ def _split_of(key: tuple, test_fraction: float, validation_fraction: float) -> s
     return "test" if u < test_fraction else "validation" if u < test_fraction + validation_fraction else "train"
 
 
-def make_family(
-    name: str, split: str = "train", n: int = 600, seed: int = 0, test_fraction: float = 0.3, validation_fraction: float = 0.1
-) -> Dataset:
-    """`n` unique preference pairs of family `name` from `split` (one of SPLITS), reproducible by `seed`."""
+def make_family(name: str, split: str = "train", n: int | None = None, seed: int = SUITE_SEED) -> Dataset:
+    """`n` unique preference pairs of family `name` from `split` (one of SPLITS), reproducible by `seed`; without
+    `n`, the whole split (refused for the families too large to take whole)."""
     if name not in FAMILIES:
         raise InputError(f"unknown suite family {name!r}: choose one of {sorted(FAMILIES)}")
     if split not in SPLITS:
         raise InputError(f"suite split {split!r}: choose one of {SPLITS}")
+    size = split_size(name, split)
+    if n is not None and n < 1:
+        raise InputError(f"suite:{name}:{split} with n={n}: ask for at least one pair")
+    if n is None and size is None:
+        raise InputError(f"suite:{name}:{split} is too large to take whole; give a number of pairs (max_train_samples, "
+                         "max_eval_samples, --n)")  # fmt: skip
+    if size is not None and (n or 0) > size:
+        raise InputError(f"suite:{name}:{split} has {size} pairs, fewer than the {n} asked for; ask for at most {size}")
+    target = size if n is None else n
     rng = random.Random(f"{name}-{seed}")
     rows, seen = [], set()
-    for _ in range(200 * n):
+    for _ in range(200 * target):
         key, prompt, right, wrong = FAMILIES[name](rng)
-        if _split_of(key, test_fraction, validation_fraction) != split or (prompt, wrong) in seen:
+        if _split_of(key, TEST_FRACTION, VALIDATION_FRACTION) != split or (prompt, wrong) in seen:
             continue
         seen.add((prompt, wrong))
         rows.append({"prompt": prompt, "chosen": f" {right}", "rejected": f" {wrong}"})
-        if len(rows) == n:
+        if len(rows) == target:
             return Dataset.from_list(rows)
-    raise InputError(f"suite family {name!r} split {split!r} has fewer than {n} unique pairs; ask for fewer")
+    raise InputError(f"suite family {name!r} split {split!r} has fewer than {target} unique pairs; ask for fewer")
 
 
 def to_conversational(row: dict) -> dict:

@@ -1,8 +1,15 @@
-"""Training dynamics (SPEC "Training dynamics"): weight statistics per checkpoint, an HMM of training phases over
-them, and the local learning coefficient. hmmlearn and devinterp come with the `dynamics` extra."""
+"""Training dynamics (docs/methods.md "Training dynamics"): weight statistics per checkpoint, an HMM of training
+phases over them, and the local learning coefficient. hmmlearn and devinterp come with the `dynamics` extra. The
+names below load on first use, so that the settings (reprpo_trl.dynamics.arguments) import without torch."""
 
-from .callbacks import LLCCallback, WeightStatsCallback, step_metrics
-from .llc import LLCArguments, linear_regression_llc
-from .stats import weight_statistics
+import importlib
 
-__all__ = ["LLCArguments", "LLCCallback", "WeightStatsCallback", "linear_regression_llc", "step_metrics", "weight_statistics"]
+_LAZY = {"LLCArguments": ".arguments", "LLCCallback": ".callbacks", "WeightStatsCallback": ".callbacks",
+         "step_metrics": ".callbacks", "linear_regression_llc": ".llc", "weight_statistics": ".stats"}  # fmt: skip
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,7 +108,7 @@ class _StepTable(TrainerCallback):
 
 
 class WeightStatsCallback(_StepTable):
-    """SPEC's weight statistics of the trained matrices (reprpo_trl.dynamics.stats) -> dynamics/weight_stats."""
+    """The weight statistics of the trained matrices (reprpo_trl.dynamics.stats) -> dynamics/weight_stats."""
 
     name = "weight_stats"
 

@@ -1,8 +1,8 @@
-"""reprpo-dynamics example: docs/dynamics.md's comparison of DPO and ReprPO-prefvec dynamics, end to end.
+"""reprpo dynamics example: docs/dynamics.md's comparison of DPO and ReprPO-prefvec dynamics, end to end.
 
-Trains recipes/dpo.yaml and recipes/reprpo_prefvec.yaml (LoRA on the embedded SmolLM2-135M-Instruct) for three
-seeds each on a small slice of the offline suite (24 steps of 2 pairs), recording weight statistics every step
-and the LLC every 8;
+Trains pkg:dpo.yaml and pkg:reprpo_prefvec.yaml (LoRA on the embedded SmolLM2-135M-Instruct) for three seeds each
+on a small slice of the offline suite (24 steps of 2 pairs; each seed draws its own pairs), recording weight
+statistics every step and the LLC every 8;
 fits the HMM over all six runs; writes tables, figures and example.md (numbers and timings) under `out`.
 Runs go `jobs` at a time (default 2: a 2-core machine), one thread each. A finished run (its adapter saved) is not rerun.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import InputError
 from ..io import atomic_write_text, read_table, write_table
+from ..packaged import PREFIX
 from .callbacks import DYNAMICS_DIR
 from .llc import rediagnose
 from .phases import FitArguments, fit_runs
@@ -39,17 +39,12 @@ SETTINGS = {  # shared by both methods: a small, CPU-sized slice of each recipe
 QUICK = {"max_steps": 4, "llc_steps": 2, "llc_draws": 2, "max_train_samples": 8}
 
 
-def _recipes_dir() -> Path:
-    path = Path(__file__).resolve().parents[2] / "recipes"
-    if not path.is_dir():
-        raise InputError(f"{path}: the example needs the repository's recipes/ (run it from a source checkout)")
-    return path
-
-
 def _argv(method: str, seed: int, run_dir: Path, quick: bool) -> list[str]:
-    settings = {**SETTINGS, **(QUICK if quick else {}), "seed": seed, "output_dir": str(run_dir)}
+    """The run's reprpo train arguments: the packaged recipe and SETTINGS; each seed also draws its own training
+    pairs (suite_seed = seed), as when the example was first measured."""
+    settings = {**SETTINGS, **(QUICK if quick else {}), "seed": seed, "suite_seed": seed, "output_dir": str(run_dir)}
     flags = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
-    return ["--config", str(_recipes_dir() / RECIPES[method])] + flags
+    return ["--config", f"{PREFIX}{RECIPES[method]}"] + flags
 
 
 def _train(method: str, seed: int, run_dir: Path, quick: bool) -> None:

@@ -1,4 +1,4 @@
-"""Training phases as hidden states (SPEC "Training dynamics"; Hu et al., "Latent State Models of Training
+"""Training phases as hidden states (docs/methods.md "Training dynamics"; Hu et al., "Latent State Models of Training
 Dynamics"): a Gaussian HMM over each run's per-checkpoint weight statistics.
 
     z-score every feature within its run     x' = (x - mean_run) / sd_run     (0 where sd_run = 0)
@@ -26,10 +26,10 @@ import pandas as pd
 
 from ..errors import InputError
 from ..io import read_table
+from .arguments import COVARIANCES
 from .stats import BIAS_STATS, MATRIX_STATS
 
 WEIGHT_FEATURES = MATRIX_STATS + BIAS_STATS
-COVARIANCES = ("diag", "full")
 
 
 def load_runs(paths: list[str]) -> dict[str, pd.DataFrame]:

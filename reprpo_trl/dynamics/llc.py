@@ -1,4 +1,4 @@
-"""The local learning coefficient (SPEC "Training dynamics"), estimated with devinterp's `llc()`.
+"""The local learning coefficient (docs/methods.md "Training dynamics"), estimated with devinterp's `llc()`.
 
     lambda_hat(w*) = n_beta * (E_w[L(w)] - L(w*)),   w ~ exp(-n_beta L(w) - gamma/2 ||w - w*||^2)
 
@@ -17,51 +17,13 @@ For a regular model at a minimum the LLC is d/2 (d parameters); `linear_regressi
 
 import math
 import tempfile
-from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from torch import nn
 
 from ..errors import InputError
-
-
-@dataclass
-class LLCArguments:
-    """SGLD settings of the LLC estimate (devinterp's `llc()`), as YAML keys and flags. The defaults (eps 3e-4,
-    n_beta 100, gamma 1000) are those docs/dynamics.md's example checked on the embedded model's DPO loss; check
-    the traces (`bounded`) on any other model or loss."""
-
-    llc_epsilon: float = field(default=3e-4, metadata={"help": "SGLD step size eps."})
-    llc_nbeta: float | None = field(
-        default=100.0, metadata={"help": "Inverse temperature n*beta; unset (null): n / log(n), n the probe pairs."}
-    )
-    llc_gamma: float = field(default=1000.0, metadata={"help": "Localisation gamma: pull of the chain toward w*."})
-    llc_chains: int = field(default=2, metadata={"help": "Independent SGLD chains."})
-    llc_draws: int = field(default=40, metadata={"help": "SGLD steps per chain whose losses enter the estimate."})
-    llc_burnin: int = field(default=0, metadata={"help": "SGLD steps per chain before the draws (devinterp counts them too)."})
-    llc_probe_size: int = field(default=32, metadata={"help": "Training pairs in the fixed probe set."})
-    llc_batch_size: int = field(default=8, metadata={"help": "Probe pairs per SGLD step."})
-    llc_seed: int = field(default=0, metadata={"help": "Seed of the probe set and of the chains."})
-
-    def __post_init__(self):
-        if self.llc_epsilon <= 0:
-            raise InputError(f"llc_epsilon={self.llc_epsilon} must be > 0")
-        if self.llc_gamma < 0:
-            raise InputError(f"llc_gamma={self.llc_gamma} must be >= 0 (0: no localisation)")
-        if self.llc_nbeta is not None and self.llc_nbeta <= 0:
-            raise InputError(f"llc_nbeta={self.llc_nbeta} must be > 0 (or unset for n / log n)")
-        for name in ("llc_chains", "llc_draws", "llc_probe_size", "llc_batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.llc_burnin < 0:
-            raise InputError(f"llc_burnin={self.llc_burnin} must be >= 0")
-        if self.llc_batch_size > self.llc_probe_size:
-            raise InputError(f"llc_batch_size={self.llc_batch_size} exceeds llc_probe_size={self.llc_probe_size}")
-
-    def nbeta(self, n: int) -> float:
-        """n_beta for a probe of n examples: the setting, or n / log n (the WBIC temperature beta = 1 / log n)."""
-        return self.llc_nbeta if self.llc_nbeta is not None else n / math.log(max(n, 3))
+from .arguments import LLCArguments
 
 
 class _Sampled(nn.Module):

@@ -1,4 +1,4 @@
-"""The trained matrices of a model, as SPEC "Training dynamics" reads them: for a peft adapter the *effective*
+"""The trained matrices of a model, as docs/methods.md "Training dynamics" reads them: for a peft adapter the *effective*
 update of each adapted weight, for full fine-tuning the weights themselves.
 
     LoRA   dW = s * B A              (s = peft's scaling, alpha / r or alpha / sqrt(r)), kept as the factors (s B, A)
@@ -7,7 +7,7 @@ update of each adapted weight, for full fine-tuning the weights themselves.
     full   W                         (every trainable 2-D parameter)
 
 IA3: peft scales the layer's output, y = l * (W x), or for feed-forward layers its input, y = W (l * x); the update
-of the full weight would be diag(l - 1) W or W diag(l - 1). SPEC asks for the scaling vectors as diagonal maps, so
+of the full weight would be diag(l - 1) W or W diag(l - 1). The method reference reads the scaling vectors as diagonal maps, so
 the statistics describe diag(l - 1) -- what the adapter learned, zero at initialisation like LoRA's and HiRA's
 dW -- and not its product with W0.
 Biases: the trainable 1-D parameters named `*.bias` (full fine-tuning; peft adapters here train none).

@@ -9,46 +9,14 @@
 """
 
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import InputError
 from ..io import atomic_write_bytes, atomic_write_text, write_table
 from . import hmm
+from .arguments import FitArguments
 from .plots import plot_model_selection, plot_states, plot_transitions
-
-
-@dataclass
-class FitArguments:
-    """Settings of `reprpo-dynamics fit`."""
-
-    max_states: int = field(default=8, metadata={"help": "Fit 1..max_states hidden states."})
-    covariance: str = field(default="both", metadata={"help": "GaussianHMM covariance: diag, full or both."})
-    restarts: int = field(default=4, metadata={"help": "Seeded restarts per model; the best train likelihood is kept."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Fraction of runs held out for the test likelihood."})
-    features: str = field(default="", metadata={"help": "Extra columns to model besides the weight statistics, comma-separated (e.g. loss)."})  # fmt: skip
-    metric: str = field(default="loss", metadata={"help": "Curve plotted by state and used for the convergence step."})
-    tolerance: float = field(default=0.1, metadata={"help": "Converged: within this fraction of the total change of the final value."})  # fmt: skip
-    window: int = field(default=3, metadata={"help": "Rolling-mean window (checkpoints) over the metric before the convergence test."})  # fmt: skip
-    seed: int = field(default=0, metadata={"help": "Seed of the run split and the restarts."})
-
-    def __post_init__(self):
-        if self.covariance not in (*hmm.COVARIANCES, "both"):
-            raise InputError(f"covariance={self.covariance!r}: choose diag, full or both")
-        if not 1 <= self.max_states <= 20:
-            raise InputError(f"max_states={self.max_states} must lie in 1..20")
-        if self.restarts < 1:
-            raise InputError(f"restarts={self.restarts} must be >= 1")
-        if self.window < 1:
-            raise InputError(f"window={self.window} must be >= 1")
-        if not 0 <= self.test_fraction < 1:
-            raise InputError(f"test_fraction={self.test_fraction} must lie in [0, 1)")
-
-    @property
-    def covariances(self) -> tuple[str, ...]:
-        return hmm.COVARIANCES if self.covariance == "both" else (self.covariance,)
 
 
 def _markdown(table: pd.DataFrame) -> str:

@@ -1,4 +1,4 @@
-"""Weight statistics of one checkpoint (SPEC "Training dynamics"), per trained matrix M (m x n, k = min(m, n)),
+"""Weight statistics of one checkpoint (docs/methods.md "Training dynamics"), per trained matrix M (m x n, k = min(m, n)),
 then averaged over matrices:
 
     l1 = sum |M_ij|             l2 = ||M||_F               trace = sum_{i<k} M_ii        spectral = sigma_max
@@ -102,7 +102,7 @@ def _average(rows: list[dict[str, float]]) -> dict[str, float]:
 
 @torch.no_grad()
 def weight_statistics(model: torch.nn.Module) -> dict[str, float]:
-    """SPEC's statistics of `model`'s trained matrices (and biases), averaged over matrices, plus their count."""
+    """The weight statistics (docs/methods.md "Training dynamics") of `model`'s trained matrices (and biases), averaged over matrices, plus their count."""
     matrices, biases = trained_matrices(model)
     stats = _average([matrix_stats(m) for m in matrices])
     if biases:

@@ -1,4 +1,4 @@
-"""ICL evaluation (SPEC "IA2", Evaluation): accuracy without and with k demonstrations, uncertainty, calibration
+"""ICL evaluation (docs/methods.md "IA2", Evaluation): accuracy without and with k demonstrations, uncertainty, calibration
 and activation similarity.
 
 At the position predicting the answer's first token, with p the next-token distribution:

@@ -22,6 +22,24 @@ COMMONSENSE_TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "
                      "commonsense_qa")  # fmt: skip
 SUITE_TASKS = tuple(f"cs_suite_{family}" for family in ("truefalse", "solution", "answer3", "ending4", "option2", "answer4", "answer5"))
 MC_METRICS = ("acc", "acc_norm")
+CHOICES = {  # answer options per document of the shipped tasks (ARC: most documents; a few have 3 or 5)
+    "boolq": 2, "piqa": 2, "social_iqa": 3, "hellaswag": 4, "winogrande": 2, "arc_easy": 4, "arc_challenge": 4,
+    "openbookqa": 4, "commonsense_qa": 5, "truefalse": 2, "solution": 2, "answer3": 3, "ending4": 4, "option2": 2,
+    "answer4": 4, "answer5": 5,
+}  # fmt: skip
+
+
+def mc_chance(tasks: list[str]) -> dict[str, float]:
+    """Chance accuracy 1 / choices of the tasks whose number of choices is known (the nine benchmarks and the
+    package's cs_suite_<family>[_instruct] tasks); `average`: the mean over the others when all are known."""
+    def family(task: str) -> str:
+        return task.removeprefix("cs_suite_").removesuffix("_instruct")
+
+    chance = {task: 1 / CHOICES[family(task)] for task in tasks if family(task) in CHOICES}
+    others = [task for task in tasks if task != "average"]
+    if "average" in tasks and others and all(task in chance for task in others):
+        chance["average"] = sum(chance[task] for task in others) / len(others)
+    return chance
 
 
 def task_manager(include_path: list[str] | str | None = None):

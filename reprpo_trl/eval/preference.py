@@ -1,4 +1,4 @@
-"""Preference accuracy and coherence of a model on preference datasets (SPEC "Evaluation across distribution shifts").
+"""Preference accuracy and coherence of a model on preference datasets (docs/methods.md "Evaluation across distribution shifts").
 
 For each pair, with l_t the log-prob of completion token t under the model:
     score_mean = mean_t l_t,  score_sum = sum_t l_t
@@ -12,7 +12,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from ..data import load_preference_dataset, tokenize_pair
+from ..data import SUITE_SEED, load_preference_dataset, tokenize_pair
 from ..errors import InputError
 
 
@@ -53,7 +53,7 @@ def preference_metrics(scores: pd.DataFrame) -> dict:
     }
 
 
-def load_shifts(shifts: dict[str, list[str]], n: int | None = 200, seed: int = 0) -> dict[str, dict[str, Dataset]]:
+def load_shifts(shifts: dict[str, list[str]], n: int | None = 200, seed: int = SUITE_SEED) -> dict[str, dict[str, Dataset]]:
     """shift -> dataset spec -> the first `n` validated pairs of that dataset."""
     return {shift: {spec: load_preference_dataset(spec, n=n, seed=seed) for spec in specs} for shift, specs in shifts.items()}
 

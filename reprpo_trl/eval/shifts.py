@@ -1,4 +1,4 @@
-"""Shift specs: which datasets play which distribution shift (SPEC "Evaluation across distribution shifts").
+"""Shift specs: which datasets play which distribution shift (docs/methods.md "Evaluation across distribution shifts").
 
 A shift spec is a YAML mapping from shift to a list of dataset specs (see reprpo_trl.data.loading):
 
@@ -8,13 +8,16 @@ A shift spec is a YAML mapping from shift to a list of dataset specs (see reprpo
     cross_domain: [suite:add_word:test, suite:sub_small:test]
     difficulty: [suite:add_large:test]
     unrelated: [suite:capitals:test]
+
+Local dataset files named in a spec are found relative to the spec's own directory; `pkg:shifts/<name>.yaml`
+names the specs the package ships.
 """
 
 from pathlib import Path
 
-from ..data.loading import local_format
+from ..data.loading import local_format, resolve_spec
 from ..errors import InputError
-from ..io import read_yaml
+from ..io import read_yaml, yaml_dir
 
 REPORTED_SHIFTS = ("train", "in_domain", "cross_domain", "difficulty", "unrelated")
 SELECTION_SHIFT = "validation"
@@ -43,5 +46,9 @@ def check_shift_spec(spec: dict, name: str) -> dict[str, list[str]]:
 
 
 def load_shift_spec(path: str | Path) -> dict[str, list[str]]:
-    """Read and check a shift spec YAML file."""
-    return check_shift_spec(read_yaml(path, "shift spec"), str(path))
+    """Read and check a shift spec YAML file (or `pkg:` name); local dataset files relative to its directory."""
+    spec = read_yaml(path, "shift spec")
+    here = yaml_dir(path)
+    spec = {shift: [resolve_spec(d, here) if isinstance(d, str) else d for d in datasets] if isinstance(datasets, list) else datasets
+            for shift, datasets in spec.items()}  # fmt: skip
+    return check_shift_spec(spec, str(path))

@@ -14,8 +14,9 @@ from typing import Callable
 from datasets import Dataset, load_dataset
 
 from ..data.loading import local_format, read_file
+from ..data.suite import SUITE_SEED
 from ..errors import InputError
-from .suite import make_icl_task
+from .suite import ICL_TASKS, make_icl_task
 
 ICL_FIELDS = ("query", "answer")
 AGNEWS_LABELS = ["world", "sports", "business", "science"]
@@ -43,6 +44,14 @@ ICL_SOURCES = {
 }  # fmt: skip
 
 
+def icl_chance(tasks: list[str]) -> dict[str, float]:
+    """Chance accuracy (1 / number of labels) of the label-word tasks among `tasks` (suite:<task> or a hub source
+    name); free-text tasks have none."""
+    labels = {f"suite:{name}": words for name, (_, words) in ICL_TASKS.items()}
+    labels |= {name: source.choices for name, source in ICL_SOURCES.items()}
+    return {task: 1 / len(labels[task]) for task in tasks if labels.get(task)}
+
+
 def _from_source(source: IclSource, split: str, hub_id: str | None) -> Dataset:
     raw = load_dataset(hub_id or source.hub_id, source.config, split=source.test_split if split == "test" else split)
 
@@ -66,7 +75,7 @@ def validate_icl(dataset: Dataset, name: str) -> None:
             raise InputError(f"ICL dataset {name!r} row {i}: answer {row['answer']!r} is not one of choices {row['choices']}")
 
 
-def load_icl_task(spec: str, split: str = "train", n: int | None = None, pool_size: int = 64, seed: int = 0,
+def load_icl_task(spec: str, split: str = "train", n: int | None = None, pool_size: int = 64, seed: int = SUITE_SEED,
                   hub_id: str | None = None) -> tuple[Dataset, Dataset]:  # fmt: skip
     """(examples, demonstration pool) of the task named by `spec`; `hub_id` points a hub source at another
     repository or a local copy laid out the same way."""

@@ -1,4 +1,4 @@
-"""Teacher and student prompts (SPEC "IA2"): teacher = k demonstrations joined by a blank line, a blank line,
+"""Teacher and student prompts (docs/methods.md "IA2"): teacher = k demonstrations joined by a blank line, a blank line,
 then the query; student = the query alone. A demonstration is its query, a space and its answer.
 
 Demonstrations for example i are drawn without replacement from the pool by random.Random(f"{seed}-{i}"), so

@@ -12,6 +12,7 @@ import random
 
 from datasets import Dataset
 
+from ..data.suite import SUITE_SEED
 from ..errors import InputError
 
 _GOOD = ["wonderful", "delicious", "excellent", "delightful", "superb", "lovely", "fantastic", "great", "charming", "brilliant"]
@@ -59,7 +60,7 @@ ICL_TASKS = {  # name -> (generator, label words or None for free text)
 }
 
 
-def make_icl_task(name: str, split: str = "train", n: int = 300, seed: int = 0, test_fraction: float = 0.3) -> Dataset:
+def make_icl_task(name: str, split: str = "train", n: int = 300, seed: int = SUITE_SEED, test_fraction: float = 0.3) -> Dataset:
     """`n` unique rows {query, answer, choices} of task `name` from `split` ("train" or "test")."""
     if name not in ICL_TASKS:
         raise InputError(f"unknown ICL suite task {name!r}: choose one of {sorted(ICL_TASKS)}")

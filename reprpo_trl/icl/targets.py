@@ -1,4 +1,4 @@
-"""IA2 targets (SPEC "IA2"): what the frozen base model does *with* demonstrations, computed once and cached.
+"""IA2 targets (docs/methods.md "IA2"): what the frozen base model does *with* demonstrations, computed once and cached.
 
 For example i with teacher prompt x_i (k demonstrations + query) and target tokens y_i (T_i tokens: greedy
 decoding of the base with x_i, `icl_outputs`, or the tokenised answer, `ground_truth`):

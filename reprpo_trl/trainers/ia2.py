@@ -1,4 +1,4 @@
-"""IA2 — ICL activation alignment (SPEC "IA2"): TRL's SFTTrainer taught to reproduce, without demonstrations,
+"""IA2 — ICL activation alignment (docs/methods.md "IA2"): TRL's SFTTrainer taught to reproduce, without demonstrations,
 the self-attention outputs the frozen base model has with them.
 
 Student input: query + target tokens (teacher forcing), labels only on the target tokens. With a_s, a_t the

@@ -1,4 +1,4 @@
-"""ReprPO: DPO plus a hidden-state term on pooled residual-stream states (SPEC "Notation", "Sites", "Hidden-state losses").
+"""ReprPO: DPO plus a hidden-state term on pooled residual-stream states (docs/methods.md: "Notation", "Sites", "Hidden-state losses").
 
     L = w_dpo * L_dpo + alpha * mean_over_sites(mean_batch(L_h(hc, hr, rc, rr)))
 

@@ -1,10 +1,10 @@
-"""reprpo-dynamics: read training runs (SPEC "Training dynamics").
+"""reprpo dynamics: read training runs (reprpo_trl.dynamics; docs/methods.md "Training dynamics").
 
-    reprpo-dynamics stats CHECKPOINT... [--base MODEL] [--out TABLE]       weight statistics from saved checkpoints
-    reprpo-dynamics fit RUN... --out DIR [--max_states 8 --covariance both ...]   HMM of training phases
-    reprpo-dynamics llc CHECKPOINT... --config RECIPE [recipe and --llc_* flags] [--out DIR]   LLC per checkpoint
-    reprpo-dynamics llc-check [--d 2 4 8 16] [--llc_* flags]                the estimator on linear regression (LLC = d/2)
-    reprpo-dynamics example [--out DIR] [--img DIR] [--jobs 2] [--quick]     docs/dynamics.md's example, end to end
+    reprpo dynamics stats CHECKPOINT... [--base MODEL] [--out TABLE]       weight statistics from saved checkpoints
+    reprpo dynamics fit RUN... --out DIR [--max_states 8 --covariance both ...]   HMM of training phases
+    reprpo dynamics llc CHECKPOINT... --config RECIPE [recipe and --llc_* flags] [--out DIR]   LLC per checkpoint
+    reprpo dynamics llc-check [--d 2 4 8 16] [--llc_* flags]                the estimator on linear regression (LLC = d/2)
+    reprpo dynamics example [--out DIR] [--img DIR] [--jobs 2] [--quick]     docs/dynamics.md's example, end to end
 
 A RUN is a training output directory with dynamics/weight_stats.parquet (reprpo-train --weight_stats true) or such
 a table itself. Bad input is reported as one line naming what to change (exit 2).
@@ -15,13 +15,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import pandas as pd
+from ..errors import command
 
-from ..errors import InputError
-from ..io import write_table
-from .callbacks import DYNAMICS_DIR
-from .llc import LLCArguments
-from .phases import FitArguments
+DYNAMICS_DIR = "dynamics"  # reprpo_trl.dynamics.callbacks.DYNAMICS_DIR (tested), without importing torch
 
 
 def _add_fields(parser: argparse.ArgumentParser, dataclass) -> None:
@@ -40,7 +36,8 @@ def _run_dir(checkpoint: Path) -> Path:
 
 
 def stats(args) -> None:
-    from .checkpoints import checkpoint_stats
+    from ..dynamics.checkpoints import checkpoint_stats
+    from ..io import write_table
 
     table = checkpoint_stats(args.checkpoints, args.base)
     out = Path(args.out) if args.out else _run_dir(Path(args.checkpoints[0])) / DYNAMICS_DIR / "weight_stats.parquet"
@@ -48,7 +45,8 @@ def stats(args) -> None:
 
 
 def fit(args) -> None:
-    from .phases import fit_runs
+    from ..dynamics.arguments import FitArguments
+    from ..dynamics.phases import fit_runs
 
     result = fit_runs(args.runs, args.out, _dataclass_of(FitArguments, args))
     n_states, covariance = result["selected"]
@@ -56,9 +54,12 @@ def fit(args) -> None:
 
 
 def llc(args, recipe_argv: list[str]) -> None:
+    import pandas as pd
+
+    from ..dynamics.checkpoints import checkpoint_llc
+    from ..dynamics.plots import plot_llc
+    from ..io import write_table
     from ..train import build_trainer, parse_args
-    from .checkpoints import checkpoint_llc
-    from .plots import plot_llc
 
     run_args, train_args, model_args, adapter_args = parse_args(recipe_argv)
     trainer = build_trainer(run_args, train_args, model_args, adapter_args)
@@ -72,8 +73,12 @@ def llc(args, recipe_argv: list[str]) -> None:
 
 
 def llc_check(args) -> None:
-    from .llc import linear_regression_llc
-    from .plots import plot_traces
+    import pandas as pd
+
+    from ..dynamics.arguments import LLCArguments
+    from ..dynamics.llc import linear_regression_llc
+    from ..dynamics.plots import plot_traces
+    from ..io import write_table
 
     settings = _dataclass_of(LLCArguments, args)
     rows, traces = [], {}
@@ -89,13 +94,15 @@ def llc_check(args) -> None:
 
 
 def example(args) -> None:
-    from .example import run_example
+    from ..dynamics.example import run_example
 
     run_example(args.out, args.img, quick=args.quick, jobs=args.jobs)
 
 
-def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="reprpo-dynamics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser; the flags of the settings dataclasses only on the subcommand `command` that takes them
+    (importing them imports torch, which --help of the others does without)."""
+    main = argparse.ArgumentParser(prog="reprpo dynamics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = main.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("stats", help="Weight statistics of saved checkpoints (peft adapters or full models).")
@@ -106,7 +113,10 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("fit", help="HMM of training phases over runs' weight statistics.")
     p.add_argument("runs", nargs="+", help="Run directories (with dynamics/weight_stats.parquet) or tables.")
     p.add_argument("--out", required=True, help="Directory for tables, figures and summary.md.")
-    _add_fields(p, FitArguments)
+    if command == "fit":
+        from ..dynamics.arguments import FitArguments
+
+        _add_fields(p, FitArguments)
 
     p = commands.add_parser("llc", help="LLC at saved checkpoints with the recipe's own loss (other flags: the recipe's).")
     p.add_argument("checkpoints", nargs="+", help="Checkpoint directories of a run of --config.")
@@ -116,7 +126,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--d", type=int, nargs="+", default=[2, 4, 8, 16], help="Numbers of parameters.")
     p.add_argument("--n", type=int, default=1000, help="Samples.")
     p.add_argument("--out", help="Directory for llc_check.{parquet,csv,png}.")
-    _add_fields(p, LLCArguments)
+    if command == "llc-check":
+        from ..dynamics.arguments import LLCArguments
+
+        _add_fields(p, LLCArguments)
     p.set_defaults(llc_epsilon=3e-4, llc_gamma=1.0, llc_chains=4, llc_draws=1000, llc_probe_size=1, llc_batch_size=1)
 
     p = commands.add_parser("example", help="DPO vs ReprPO-prefvec on the embedded model: runs, HMM, LLC, figures.")
@@ -127,19 +140,13 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, rest = parser().parse_known_args(argv)
-    try:
-        if known.command == "llc":
-            return llc(known, rest)
-        if rest:
-            parser().error(f"unrecognized arguments: {' '.join(rest)}")
-        {"stats": stats, "fit": fit, "llc-check": llc_check, "example": example}[known.command](known)
-    except InputError as error:
-        print(f"reprpo-dynamics: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    known, rest = parser(command).parse_known_args(argv)
+    if known.command == "llc":
+        return llc(known, rest)
+    if rest:
+        parser(command).error(f"unrecognized arguments: {' '.join(rest)}")
+    {"stats": stats, "fit": fit, "llc-check": llc_check, "example": example}[known.command](known)
