@@ -287,6 +287,7 @@ def test_peft_baselines_recipes(recipe):
 def test_sweep_trains_sft_and_ends_in_the_mc_table(tmp_path, known_answer):
     """A grid of one SFT recipe x 2 seeds, no learning_rates (the recipe's), scored with mc_tasks: report table."""
     from reprpo_trl import sweep
+    from reprpo_trl.cli.sweep import main as sweep_main
 
     config = {
         "output_dir": str(tmp_path / "sweep"),
@@ -300,13 +301,14 @@ def test_sweep_trains_sft_and_ends_in_the_mc_table(tmp_path, known_answer):
     }
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(config))
-    sweep.main(["--config", str(grid)])
+    sweep_main(["--config", str(grid)])
     report = (tmp_path / "sweep" / "report" / "report.md").read_text()
     assert report.startswith("# Multiple-choice benchmarks") and "No selection: each method trains at one learning rate (lora → lr 0.0005)" in report
     summary = pd.read_csv(tmp_path / "sweep" / "report" / "mc_summary.csv")
     row = summary[(summary.metric == "mc_acc") & (summary.label == "lora") & (summary["shift"] == "known_answer")].iloc[0]
     assert row.n_seeds == 2 and not math.isnan(row.ci95)
-    results = pd.concat([pd.read_parquet(r.result) for r in sweep.runs(sweep.load_grid(str(grid)))])
+    loaded = sweep.load_grid(str(grid))
+    results = pd.concat([pd.read_parquet(sweep.result_path(r.dir, loaded)) for r in sweep.plan(loaded)])
     assert sorted(results.seed) == [1, 2] and set(results.method) == {"sft-lora"} and (results.n == 4).all()
     for bad, message in [({"mc_tasks": []}, "evaluates nothing"), ({"learning_rates": [1e-4, 1e-3]}, "needs shifts with a 'validation' shift"),
                          ({"mc_tasks": ["nope"]}, r"unknown lm-eval task\(s\) \['nope'\]")]:  # fmt: skip
