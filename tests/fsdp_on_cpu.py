@@ -25,7 +25,7 @@ if __name__ == "__main__":  # `accelerate launch tests/fsdp_on_cpu.py <reprpo-tr
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from reprpo_trl import train
+    from reprpo_trl.cli.train import main
 
     allow()
-    train.main()
+    main()
