@@ -107,12 +107,20 @@ class ProjGradTrainer(PreferenceDirectionTrainer):
         self.direction_sums: dict[str, torch.Tensor] = {}
         self.directions: dict[str, torch.Tensor] = {}  # the last step's unit directions, by module name
         self._before_step: dict[torch.Tensor, torch.Tensor] = {}
+        self._parameters_of: dict[str, list[torch.nn.Parameter]] | None = None
+
+    def train(self, *args, **kwargs):
+        self._parameters_of = None  # looked up again after the Trainer prepares the model (FSDP2 replaces them)
+        return super().train(*args, **kwargs)
 
     @property
     def parameters_of(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Per module, its tensors with an output axis, looked up when used: FSDP2's fully_shard replaces every
-        parameter object (by a DTensor one) when the Trainer prepares the model."""
-        return {name: output_axis_parameters(module) for name, module in self.projected.items()}
+        """Per module, its tensors with an output axis, looked up at first use in a training run: FSDP2's
+        fully_shard replaces every parameter object (by a DTensor one) when the Trainer prepares the model, so
+        objects found at construction would no longer be the ones that get gradients."""
+        if self._parameters_of is None:
+            self._parameters_of = {name: output_axis_parameters(module) for name, module in self.projected.items()}
+        return self._parameters_of
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.collector.capture(inputs["completion_mask"], inputs["attention_mask"]) as states:
