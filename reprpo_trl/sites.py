@@ -157,21 +157,20 @@ class StateCollector:
 
     @contextlib.contextmanager
     def capture(self, completion_mask=None, attention_mask=None, reduce=None):
-        """States that need no gradient are pooled at once under no_grad. The others are pooled when the block
-        exits: a hook inside a gradient-checkpointed layer must not save tensors the recomputation would not.
+        """Every state is pooled when its hook fires, so nothing per token outlives the module that made it (under
+        gradient checkpointing only the layer inputs stay, as without collection). States that need no gradient
+        are pooled under no_grad; the others under pass-through saved-tensor hooks, which take the place of a
+        checkpointed layer's own: its recomputation runs without these hooks, so the pooling must not register
+        saved tensors with the checkpoint.
         `reduce` (a function of the (N, T', d) state) replaces the masked pooling, e.g. to gather positions."""
         reduce = reduce or (lambda tensor: pool(tensor, completion_mask, attention_mask, self.pooling))
         states = {name: [] for name in self.sites}
-        pending = []
 
         def hook_for(name):
             def hook(module, args, kwargs, output):
                 tensor = first_tensor((args or tuple(kwargs.values())) if self.read == "input" else output)
-                if tensor.requires_grad and not self.detach:
-                    pending.append((name, len(states[name])))
-                    states[name].append(tensor)
-                    return
-                with torch.no_grad():
+                keeps_graph = tensor.requires_grad and not self.detach
+                with torch.autograd.graph.saved_tensors_hooks(_keep, _keep) if keeps_graph else torch.no_grad():
                     states[name].append(reduce(tensor))
 
             return hook
@@ -186,8 +185,10 @@ class StateCollector:
         finally:
             for handle in handles:
                 handle.remove()
-            for name, index in pending:
-                states[name][index] = reduce(states[name][index])
+
+
+def _keep(tensor):
+    return tensor
 
 
 def layer_sites(models: list[nn.Module], layers: list[int]) -> dict[str, list[nn.Module]]:

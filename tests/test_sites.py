@@ -172,7 +172,8 @@ def test_suppressed_needs_a_next_layer(tiny_model):
 
 
 def test_pooling_under_gradient_checkpointing_matches(tiny_model):
-    """Sites inside a checkpointed layer are pooled after the forward: backward must not fail and must agree."""
+    """Sites inside a checkpointed layer are pooled as their hook fires: nothing per token is kept past the
+    module (the state is (N, d) before the forward has finished), and backward through the recompute agrees."""
     collection = Collection("side", [tiny_model], [1])
     grads = []
     for checkpointing in (False, True):
@@ -180,7 +181,14 @@ def test_pooling_under_gradient_checkpointing_matches(tiny_model):
         if checkpointing:
             tiny_model.gradient_checkpointing_enable({"use_reentrant": False})
         tiny_model.train()
-        states, _, _, _ = _run(tiny_model, collection)
+        shapes = []
+        later_layer = decoder_layers(tiny_model)[2]  # runs after every layer-1 site
+        handle = later_layer.register_forward_hook(lambda *_: shapes.extend(s[0].shape for s in states.values()))
+        completion, attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+        with collection.collector.capture(completion, attention) as states:
+            tiny_model(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]), attention_mask=attention)
+        handle.remove()
+        assert shapes == [(2, 32), (2, 64)]  # o_proj and down_proj inputs, pooled
         sum(s[0].sum() for s in states.values()).backward()
         grads.append(decoder_layers(tiny_model)[0].mlp.down_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
