@@ -11,8 +11,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # REPRPO_TEST_DEVICE=cuda runs every trainer of the suite on the GPU: the tests write use_cpu=True (CI has no GPU),
-# and this turns it off, in the test process and in the single-process runs it starts (tests/kill_harness.py). The
-# multi-process launches of test_distributed.py and test_launch.py keep their CPU (gloo, DeepSpeed-on-CPU) configs.
+# and this turns it off, in the test process and in the single-process runs it starts (tests/kill_harness.py, and
+# `device_flags()` for the others). The multi-process launches of test_distributed.py and test_launch.py keep their
+# CPU (gloo, DeepSpeed-on-CPU) configs. On a GPU machine:
+#
+#     REPRPO_TEST_DEVICE=cuda python -m pytest -q
+#
+# A Trainer moves the model it is given to the device in place (and an explicit ref_model); a model, reference or
+# batch the test builds itself stays on the CPU. Tests therefore compare a trainer's tensors through `on_cpu` and
+# call a placed model outside the Trainer (which moves inputs only in its training step) through `to_device`.
 DEVICE = os.environ.get("REPRPO_TEST_DEVICE", "cpu")
 
 
@@ -33,6 +40,33 @@ def use_test_device() -> None:
 @pytest.fixture(autouse=True, scope="session")
 def _test_device():
     use_test_device()
+
+
+def device_flags() -> list[str]:
+    """reprpo-train flags that put a training subprocess (which does not load this file) on the test device."""
+    return [] if DEVICE == "cpu" else ["--use_cpu", "false"]
+
+
+def _map_tensors(tree, move):
+    if torch.is_tensor(tree):
+        return move(tree)
+    if isinstance(tree, dict):
+        return {key: _map_tensors(value, move) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(value, move) for value in tree)
+    return tree
+
+
+def on_cpu(tree):
+    """`tree` (a tensor, or a dict / list / tuple of them) with every tensor on the CPU: what a trainer computed on
+    the test device, next to a reference computed on the CPU. On the CPU the tensors themselves come back."""
+    return _map_tensors(tree, lambda tensor: tensor.cpu())
+
+
+def to_device(tree, model):
+    """`tree` with every tensor on the device of `model`'s parameters, where a Trainer has placed it."""
+    device = next(model.parameters()).device
+    return _map_tensors(tree, lambda tensor: tensor.to(device))
 
 
 def make_tokenizer():

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import make_model
+from conftest import make_model, on_cpu
 from reprpo_trl import IA2Config, IA2Trainer
 from reprpo_trl.adapters import AdapterArguments, build_peft_config
 from reprpo_trl.icl import load_icl_task, teacher_prompt, teacher_prompts
@@ -117,6 +117,7 @@ def test_tokl_matches_float64_kl(tmp_path, tokenizer, task):
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, dict(batch)).item()
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logits, batch = on_cpu(logits), on_cpu(batch)  # the float64 reference runs on the CPU, beside the cached targets
     rows, positions = answer_positions(batch["labels"])
     log_q = logits[rows, positions].log_softmax(-1)
     flat = trainer.targets.rows(batch["ia2_index"])
@@ -171,7 +172,7 @@ def test_every_adapter_trains_with_act(adapter, tmp_path, tokenizer, task):
     if adapter != "full":
         reloaded = PeftModel.from_pretrained(make_model(tokenizer), str(tmp_path / "saved"))
         weights = dict(reloaded.named_parameters())
-        assert all(torch.allclose(weights[n], p.detach()) for n, p in trainer.model.named_parameters() if n in changed)
+        assert all(torch.allclose(weights[n], on_cpu(p.detach())) for n, p in trainer.model.named_parameters() if n in changed)
 
 
 def test_hub_loaders_on_local_copies(tmp_path):
@@ -329,6 +330,7 @@ def test_act_matches_float64_reference(tmp_path, tokenizer, task):
         trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for h in handles:
             h.remove()
+    seen, batch = on_cpu(seen), on_cpu(batch)  # the float64 reference runs on the CPU, beside the cached targets
     rows, positions = answer_positions(batch["labels"])
     teacher = trainer.targets.acts[trainer.targets.rows(batch["ia2_index"])].double()  # (P, L, d)
     expected = sum(((seen[f"layer_{l}"][rows, positions].double() - teacher[:, l]) ** 2).mean() for l in range(len(sites)))

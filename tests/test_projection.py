@@ -9,7 +9,7 @@ from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 from trl import DPOConfig, DPOTrainer
 
-from conftest import make_model
+from conftest import make_model, to_device
 from reprpo_trl import ProjBPConfig, ProjBPTrainer, ProjGradConfig, ProjGradTrainer
 from reprpo_trl.projection import adapted_modules, output_axis_parameters, project_output_axis, project_rows, unit
 from reprpo_trl.sites import pool, unwrap
@@ -144,7 +144,8 @@ def test_projection_changes_training(kind, adapter, tmp_path, tokenizer, pairs):
 
 def first_batch_directions(trainer):
     """Independently: unit(sum over the step's pairs of r_c - r_r) for each module, from a reference forward."""
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = to_device(trainer.data_collator(examples), trainer.model)  # where the Trainer placed the model
     outputs = {}
     handles = [
         m.register_forward_hook(lambda m, a, o, name=name: outputs.__setitem__(name, o))
@@ -250,7 +251,8 @@ def test_config_validation(tmp_path):
 
 
 def step_peak_bytes(trainer) -> int:
-    """Peak of the torch CPU allocator's running total over one training step (torch.profiler memory events)."""
+    """Peak of the torch CPU allocator's running total over one training step (torch.profiler memory events); on
+    a GPU, the CUDA allocator's peak over the step above what it held when the step began."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
@@ -269,7 +271,15 @@ def step_peak_bytes(trainer) -> int:
                 total += nbytes
                 peak["bytes"] = max(peak["bytes"], total)
 
-    trainer.add_callback(Profiled())
+    class CudaPeak(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+
+        def on_step_end(self, *args, **kwargs):
+            peak["bytes"] = torch.cuda.max_memory_allocated() - self.start
+
+    trainer.add_callback(CudaPeak() if trainer.args.device.type == "cuda" else Profiled())
     trainer.train()
     return peak["bytes"]
 

@@ -15,7 +15,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import make_model
+from conftest import device_flags, make_model
 from reprpo_trl import IA2Config, IA2Trainer, ProjBPConfig, ProjBPTrainer, ProjGradConfig, ProjGradTrainer, ReprPOConfig, ReprPOTrainer
 from reprpo_trl.checkpoints import COMPLETE_MARKER, last_complete_checkpoint, resolve_resume
 from reprpo_trl.errors import InputError, RunError
@@ -320,7 +320,7 @@ def test_sigusr1_saves_a_checkpoint_then_resume_finishes_the_run(tmp_path, saved
 
     path = recipe(tmp_path, saved_model, {**RESUMED["reprpo-ether"], "max_steps": 30, "save_steps": 10}, "r")
     out = tmp_path / "stopped"
-    process = subprocess.Popen([sys.executable, "-m", "reprpo_trl.train", "--config", str(path), "--output_dir", str(out)],
+    process = subprocess.Popen([sys.executable, "-m", "reprpo_trl.train", "--config", str(path), "--output_dir", str(out), *device_flags()],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 240
     while not (out / "checkpoint-10" / COMPLETE_MARKER).exists() and process.poll() is None and time.time() < deadline:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from conftest import make_model
+from conftest import make_model, on_cpu
 from reprpo_trl import ReprPOConfig, ReprPOTrainer
 from reprpo_trl.losses import HIDDEN_LOSSES
 
@@ -67,7 +67,7 @@ def test_training_changes_adapter_logs_terms_and_saves(loss, tmp_path, tokenizer
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(make_model(tokenizer), str(tmp_path / "adapter"))
     for name, value in lora_weights(reloaded).items():
-        torch.testing.assert_close(value, after[name])
+        torch.testing.assert_close(value, on_cpu(after[name]))
 
 
 def test_hidden_term_alone_trains_only_layers_it_reads(tmp_path, tokenizer, pairs):
@@ -160,9 +160,9 @@ def test_full_finetuning_with_frozen_reference(tmp_path, tokenizer, pairs):
     )
     assert len(trainer.collector.sites["layer_1"]) == 2  # policy and reference layer
     trainer.train()
-    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(on_cpu(p), before[n])]
     assert "model.layers.1.self_attn.q_proj.weight" in moved
-    assert all(torch.equal(p, ref_before[n]) for n, p in ref.named_parameters())
+    assert all(torch.equal(on_cpu(p), ref_before[n]) for n, p in ref.named_parameters())  # the Trainer placed ref
     assert trainer.state.log_history[0]["hidden/proj"] == pytest.approx(1.0, abs=1e-3)
 
 

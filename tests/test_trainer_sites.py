@@ -89,8 +89,8 @@ def test_transforms_saved_with_the_adapter_and_restored_on_resume(tmp_path, toke
     assert (checkpoint / "reprpo_transforms.json").exists() and (checkpoint / "adapter_model.safetensors").exists()
     trainer.save_model(str(tmp_path / "final"))
     loaded = SiteTransforms.load(str(tmp_path / "final"))
-    h = torch.randn(3, 32)
-    torch.testing.assert_close(loaded("layer_1", h), trainer.transforms("layer_1", h))
+    h = torch.randn(3, 32).to(trainer.args.device)  # where the trainer placed its transforms
+    torch.testing.assert_close(loaded.to(trainer.args.device)("layer_1", h), trainer.transforms("layer_1", h))
 
     resumed = lora_trainer(tmp_path, tokenizer, pairs, transform="hra", hidden_loss="rank", max_steps=2)
     assert not torch.allclose(resumed.transforms("layer_1", h), trainer.transforms("layer_1", h))
@@ -105,5 +105,6 @@ def test_transforms_train_without_weight_decay(tmp_path, tokenizer, pairs):
     trainer.train()
     decayed = {id(p) for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
     assert decayed and not decayed & {id(p) for p in trainer.transforms.parameters()}
-    m = trainer.transforms("layer_1", torch.eye(32, dtype=torch.float64))
-    assert torch.allclose(m @ m.T, torch.eye(32, dtype=torch.float64), atol=1e-10)
+    eye = torch.eye(32, dtype=torch.float64, device=trainer.args.device)
+    m = trainer.transforms("layer_1", eye)
+    assert torch.allclose(m @ m.T, eye, atol=1e-10)
