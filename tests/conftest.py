@@ -5,6 +5,7 @@ import string
 
 import pytest
 import torch
+from accelerate.utils import send_to_device
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -47,26 +48,15 @@ def device_flags() -> list[str]:
     return [] if DEVICE == "cpu" else ["--use_cpu", "false"]
 
 
-def _map_tensors(tree, move):
-    if torch.is_tensor(tree):
-        return move(tree)
-    if isinstance(tree, dict):
-        return {key: _map_tensors(value, move) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(value, move) for value in tree)
-    return tree
-
-
 def on_cpu(tree):
     """`tree` (a tensor, or a dict / list / tuple of them) with every tensor on the CPU: what a trainer computed on
     the test device, next to a reference computed on the CPU. On the CPU the tensors themselves come back."""
-    return _map_tensors(tree, lambda tensor: tensor.cpu())
+    return send_to_device(tree, "cpu")
 
 
 def to_device(tree, model):
     """`tree` with every tensor on the device of `model`'s parameters, where a Trainer has placed it."""
-    device = next(model.parameters()).device
-    return _map_tensors(tree, lambda tensor: tensor.to(device))
+    return send_to_device(tree, next(model.parameters()).device)
 
 
 def make_tokenizer():
