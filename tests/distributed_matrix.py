@@ -1,5 +1,6 @@
 """Trains each recipe given, one after another, in one (possibly multi-process) launch, and keeps each run's
-log history: `accelerate launch ... tests/distributed_matrix.py <out_root> <recipe.yaml>...` (tests/test_distributed.py).
+log history: `accelerate launch ... tests/distributed_matrix.py <out_root> <recipe.yaml>... -- [reprpo-train flags for
+every run]` (tests/test_distributed.py).
 An FSDP launch stays FSDP on CPU (tests/fsdp_on_cpu.py)."""
 
 import json
@@ -15,10 +16,11 @@ from reprpo_trl import train  # noqa: E402
 
 def main():
     fsdp_on_cpu.allow()
-    root, recipes = Path(sys.argv[1]), sys.argv[2:]
+    split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    root, recipes, flags = Path(sys.argv[1]), sys.argv[2:split], sys.argv[split + 1 :]
     for recipe in recipes:
         out = root / Path(recipe).stem
-        trainer = train.run(["--config", recipe, "--output_dir", str(out)])
+        trainer = train.run(["--config", recipe, "--output_dir", str(out), *flags])
         if trainer.is_world_process_zero():
             (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
         trainer.accelerator.wait_for_everyone()

@@ -1,7 +1,8 @@
 """Two processes under DDP, DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 (CPU, through `accelerate launch`; FSDP2 kept on
 CPU by tests/fsdp_on_cpu.py) train exactly what one process trains with the same global batch: ReprPO with a
-trained transform, ProjGrad (with project_update), ProjBP and IA2 act, 3 optimizer steps of 2 accumulated
-micro-batches each. Parameters, transforms and every logged term agree; the adapters reload with peft.
+trained transform, ProjGrad (with project_update), ProjBP, IA2 act and full fine-tuning (ReprPO mse), 3 optimizer
+steps of 2 accumulated micro-batches each. Parameters, transforms and every logged term agree; the adapters reload
+with peft and the full model with transformers, to the bit; sharded checkpoints resume to the same weights.
 
 Tolerance: 1e-5 absolute + 1e-3 relative on weights, 1e-4 relative on logged terms. The runs differ only in how
 float32 sums are split and ordered (per process, then all-reduced or reduce-scattered), which moves results by a
@@ -25,20 +26,25 @@ from conftest import make_model
 
 ROOT = Path(__file__).parents[1]
 METHODS = {
-    # a transform gets gradient only once the policy has left the reference: a large alpha (unclipped) moves it ~1e-2
+    # a transform gets gradient only once the policy has left the reference: a large alpha (unclipped) moves it
+    # ~1e-3 in 3 steps; at learning rate 0.5 it moves ~0.2, where ulps grow into 4e-4 relative differences
     "reprpo-ether": {"trainer": "reprpo", "layers": "1,2", "hidden_loss": "rank", "transform": "ether", "alpha": 1e4,
-                     "max_grad_norm": 0.0},
+                     "max_grad_norm": 0.0, "learning_rate": 0.2},
     "projgrad": {"trainer": "projgrad", "proj_beta": 0.2, "project_update": True},
     "projbp": {"trainer": "projbp", "proj_beta": 0.2},
     # ZeRO-3 cannot checkpoint the layers IA2 act reads inside (refused at start-up; tests/test_reliability.py)
     # a tiny random model's attention barely depends on the demonstrations: act ~ 1e-5, so a large step size
     "ia2-act": {"trainer": "ia2", "ia2_method": "act", "train_dataset": "suite:sentiment", "num_demos": 2,
                 "max_length": 128, "gradient_checkpointing": False, "learning_rate": 1000.0},
+    # every weight trained, the reference a frozen copy: the engines save the complete model, not an adapter
+    "reprpo-full": {"trainer": "reprpo", "layers": "1,2", "hidden_loss": "mse", "adapter": {"type": "full"},
+                    "learning_rate": 0.05},
 }  # fmt: skip
 BACKENDS = {
     "ddp": {"distributed_type": "MULTI_GPU"},
     "zero2": {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}},
-    "zero3": {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True}},
+    "zero3": {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True,
+                                                                    "zero3_save_16bit_model": True}},
     # accelerate's FSDP2 (fully_shard, sharded checkpoints) kept on CPU by tests/fsdp_on_cpu.py
     "fsdp2": {"distributed_type": "FSDP", "fsdp_config": {
         "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
@@ -48,7 +54,9 @@ TERMS = ("loss", "loss/dpo", "loss/hidden", "hidden/layer_1", "hidden/rank_margi
          "rewards/margins", "ia2/act", "ia2/tok")  # fmt: skip
 
 
-def launch(tmp_path: Path, name: str, processes: int, backend: dict, recipes: list[Path], port: int) -> Path:
+def launch(tmp_path: Path, name: str, processes: int, backend: dict, recipes: list[Path], port: int, *flags) -> Path:
+    """Trains every recipe in one launch of `processes` processes into tmp_path/name/<recipe>; `flags` are
+    reprpo-train flags for every run."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
         "compute_environment": "LOCAL_MACHINE", "num_processes": processes, "num_machines": 1, "machine_rank": 0,
@@ -57,15 +65,37 @@ def launch(tmp_path: Path, name: str, processes: int, backend: dict, recipes: li
     }))  # fmt: skip
     out = tmp_path / name
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           str(ROOT / "tests" / "distributed_matrix.py"), str(out), *map(str, recipes)]  # fmt: skip
+           str(ROOT / "tests" / "distributed_matrix.py"), str(out), *map(str, recipes), "--", *flags]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
 
 def weights(out: Path) -> dict:
-    files = [f for f in ("adapter_model.safetensors", "reprpo_transforms.safetensors") if (out / f).exists()]
-    return {f"{f}:{k}": v for f in files for k, v in load_file(out / f).items()}
+    files = ("adapter_model.safetensors", "reprpo_transforms.safetensors", "model.safetensors")
+    return {f"{f}:{k}": v for f in files if (out / f).exists() for k, v in load_file(out / f).items()}
+
+
+def trained_weights(name: str, saved: dict, model: Path) -> list[str]:
+    """The keys of what `name` trains: LoRA B, or (full fine-tuning) every tensor; each checked to have moved."""
+    if name.endswith("-full"):
+        initial = load_file(model / "model.safetensors")
+        keys = [k for k in saved if k.startswith("model.safetensors:")]
+        assert {k.split(":", 1)[1] for k in keys} == initial.keys(), f"{name}: not the complete model"
+        assert any((saved[k] - initial[k.split(":", 1)[1]]).abs().max() > 1e-3 for k in keys), f"{name} did not train"
+        return keys
+    keys = [k for k in saved if "lora_B" in k]
+    assert keys and any(saved[k].abs().max() > 1e-3 for k in keys), f"{name}: LoRA B did not train"
+    return keys
+
+
+def reload(name: str, out: Path, model: Path) -> dict:
+    """What transformers / peft load from `out`, keyed as weights() keys it."""
+    if name.endswith("-full"):
+        loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        return {f"model.safetensors:{k}": v for k, v in loaded.items()}
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), out)
+    return {f"adapter_model.safetensors:{k.replace('.default', '')}": v for k, v in reloaded.state_dict().items() if "lora_" in k}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +109,8 @@ def setup(tmp_path_factory, tokenizer):
         recipe = {
             "model_name_or_path": str(model), "adapter": {"type": "lora", "r": 4, "targets": "qv"},
             "train_dataset": "suite:add_small:train", "max_train_samples": 8, "max_length": 64, "max_steps": 3,
-            "gradient_accumulation_steps": 2, "optim": "sgd", "learning_rate": 0.5, "logging_steps": 1,
-            "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False, "seed": 1,
+            "gradient_accumulation_steps": 2, "optim": "sgd", "learning_rate": 0.5, "lr_scheduler_type": "constant",
+            "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False, "seed": 1,
             "target_cache_dir": str(tmp / "cache"), **method,
         }  # fmt: skip
         if recipe["trainer"] != "ia2":
@@ -97,14 +127,28 @@ def setup(tmp_path_factory, tokenizer):
     return tmp, model, recipes, single
 
 
+@pytest.fixture(scope="module")
+def two_processes(setup):
+    """backend -> the 2-process launch of every recipe under it, run once (the matrix and the resume test read it)."""
+    tmp, _, recipes, _ = setup
+    runs = {}
+
+    def run(backend: str) -> Path:
+        if backend not in runs:
+            runs[backend] = launch(tmp, backend, 2, BACKENDS[backend], recipes, 29611 + list(BACKENDS).index(backend))
+        return runs[backend]
+
+    return run
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=list(BACKENDS))
-def test_two_processes_train_what_one_process_trains(backend, setup):
+def test_two_processes_train_what_one_process_trains(backend, setup, two_processes):
     tmp, model, recipes, single = setup
-    sharded = launch(tmp, backend, 2, BACKENDS[backend], recipes, 29611 + list(BACKENDS).index(backend))
+    sharded = two_processes(backend)
     for name in METHODS:
         one, two = weights(single / name), weights(sharded / name)
-        assert one.keys() == two.keys() and any("lora_B" in k for k in one), name
-        assert any(v.abs().max() > 1e-3 for k, v in one.items() if "lora_B" in k), f"{name}: LoRA B did not train"
+        assert one.keys() == two.keys(), name
+        trained_weights(name, one, model)
         for key in one:
             torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-3, msg=f"{backend} {name} {key}")
         logs = [json.loads((out / name / "log_history.json").read_text()) for out in (single, sharded)]
@@ -115,10 +159,11 @@ def test_two_processes_train_what_one_process_trains(backend, setup):
                 assert (term in row_one) == (term in row_two), (name, term)
                 if term in row_one:
                     assert row_two[term] == pytest.approx(row_one[term], rel=1e-4, abs=1e-7), (backend, name, term)
-        base = AutoModelForCausalLM.from_pretrained(model)
-        reloaded = PeftModel.from_pretrained(base, sharded / name)
-        loaded = {k: v for k, v in reloaded.state_dict().items() if "lora_" in k}
-        assert len(loaded) == len([k for k in two if "lora_" in k]) and all(torch.isfinite(v).all() for v in loaded.values())
+        loaded = reload(name, sharded / name, model)
+        saved = {k: v for k, v in two.items() if not k.startswith("reprpo_transforms")}
+        assert loaded.keys() == saved.keys(), f"{backend} {name}: {sorted(loaded.keys() ^ saved.keys())[:4]}"
+        for key in saved:
+            torch.testing.assert_close(loaded[key], saved[key], atol=0, rtol=0, msg=f"reloaded {backend} {name} {key}")
 
 
 def test_fsdp2_gradient_edits_equal_one_process(tmp_path, tokenizer):
@@ -147,41 +192,36 @@ def test_fsdp2_gradient_edits_equal_one_process(tmp_path, tokenizer):
     assert torch.equal(saved["written"], torch.full_like(saved["written"], 0.25))
 
 
-@pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
-def test_sharded_checkpoint_resumes_to_the_uninterrupted_result(backend, setup):
-    """DeepSpeed and FSDP2 write their own checkpoints (engine and optimizer partitions; sharded state dicts); the
-    transforms live in the model, so they come back with it. A run stopped after 2 of 4 steps (constant learning
-    rate) and resumed ends where 4 steps in one go end."""
-    tmp, _, recipes, _ = setup
-    tmp = tmp / f"resume_{backend}"
-    tmp.mkdir()
-    recipe = yaml.safe_load(recipes[0].read_text())  # reprpo-ether
-    recipe.update(max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
-    path = tmp / "resume.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    config = tmp / "launch.yaml"
-    config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "num_processes": 2, "num_machines": 1, "machine_rank": 0,
-        "mixed_precision": "no", "use_cpu": True, "main_process_ip": "127.0.0.1",
-        "main_process_port": 29640 + list(BACKENDS).index(backend), **BACKENDS[backend],
-    }))  # fmt: skip
-
-    def train(out, *flags):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               str(ROOT / "tests" / "fsdp_on_cpu.py"), "--config", str(path), "--output_dir", str(out), *flags]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    train(tmp / "straight")
-    train(tmp / "halves", "--max_steps", "2")
-    assert (tmp / "halves" / "checkpoint-2" / "reprpo_checkpoint.json").exists()
-    own = "global_step" if backend == "zero2" else "pytorch_model_fsdp_0"  # DeepSpeed's, FSDP's sharded state dict
-    assert any(p.name.startswith(own) for p in (tmp / "halves" / "checkpoint-2").iterdir())
-    train(tmp / "halves", "--resume_from_checkpoint", "auto")
-    one, two = weights(tmp / "straight"), weights(tmp / "halves")
-    assert one.keys() == two.keys() and any("transforms" in k for k in one)
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=key)
+@pytest.mark.parametrize("backend", ["zero2", "zero3", "fsdp2"])
+def test_sharded_checkpoint_resumes_to_the_uninterrupted_result(backend, setup, two_processes):
+    """DeepSpeed and FSDP2 write their own checkpoints (engine, parameter and optimizer partitions; sharded state
+    dicts); the transforms live in the model, so they come back with it. ReprPO with a trained transform and full
+    fine-tuning, stopped after 2 of the matrix's 3 steps (constant learning rate) and resumed, end where the
+    matrix's run in one go ends."""
+    tmp, _, _, _ = setup
+    straight = two_processes(backend)
+    (recipes := tmp / f"resume_{backend}_recipes").mkdir()
+    for name in ("reprpo-ether", "reprpo-full"):
+        recipe = {**yaml.safe_load((tmp / f"{name}.yaml").read_text()), "save_strategy": "steps", "save_steps": 2}
+        (recipes / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    port = 29640 + list(BACKENDS).index(backend)
+    halves = launch(tmp, f"resume_{backend}", 2, BACKENDS[backend], sorted(recipes.iterdir()), port, "--max_steps", "2")
+    own = "pytorch_model_fsdp_0" if backend == "fsdp2" else "global_step"  # FSDP's sharded state dict, DeepSpeed's
+    for run in halves.iterdir():
+        assert (run / "checkpoint-2" / "reprpo_checkpoint.json").exists(), run.name
+        assert any(p.name.startswith(own) for p in (run / "checkpoint-2").iterdir()), run.name
+    launch(tmp, f"resume_{backend}", 2, BACKENDS[backend], sorted(recipes.iterdir()), port, "--resume_from_checkpoint", "auto")
+    for run in halves.iterdir():
+        logs = [json.loads((out / run.name / "log_history.json").read_text()) for out in (straight, halves)]
+        rows = [[row for row in log if "loss" in row and "train_runtime" not in row] for log in logs]
+        assert [row["step"] for row in rows[1]] == [1, 2, 3], f"{run.name}: the resumed run's log history"
+        for row_one, row_two in zip(*rows):
+            for term in set(TERMS) & row_one.keys():
+                assert row_two[term] == pytest.approx(row_one[term], rel=1e-5, abs=1e-7), (backend, run.name, term)
+        one, two = weights(straight / run.name), weights(run)
+        assert one.keys() == two.keys() and any("transforms" in k or "model.safetensors" in k for k in one)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=f"{backend} {run.name} {key}")
 
 
 def test_a_launch_that_forms_no_world_is_refused(tmp_path, setup):
