@@ -57,7 +57,7 @@ def main():
     print(f"\nratios vs TRL SFTTrainer, {device}, model {args.model}, batch {args.batch}, {args.steps} steps:")
     for name, r in results.items():
         once = f"  one-time targets {r['precompute_s']:.1f}s for {args.steps * args.batch} examples, cache {r['cache_mib']:.1f} MiB" if "precompute_s" in r else ""
-        print(f"{name:20s} time {r['step_s'] / base['step_s']:5.2f}  memory {r['peak_mib'] / base['peak_mib']:5.2f}  "
+        print(f"{name:20s} time {r['step_s'] / base['step_s']:5.2f}  cpu {r['cpu_s'] / base['cpu_s']:5.2f}  memory {r['peak_mib'] / base['peak_mib']:5.2f}  "
               f"{1000 * r['step_s']:.0f} ms  {r['tokens_per_s']:.0f} tokens/s{once}")  # fmt: skip
 
 

@@ -50,13 +50,15 @@ def cpu_peak_bytes(profiler) -> int:
 
 
 def train_and_measure(trainer, device: str) -> dict:
-    """Median step time after two warm-up steps (the last step, profiled for memory on CPU, left out), tokens
-    per second at that median, and peak memory (see the module docstring)."""
+    """Median step time after two warm-up steps (the last step, profiled for memory on CPU, left out), the
+    median CPU time of the process over the same steps (on a shared machine the part of the wall time that other
+    tenants' load does not add), tokens per second at the median wall time, and peak memory (see the module
+    docstring)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    times, peak = [], {}
+    times, cpu_times, peak = [], [], {}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **k):
@@ -65,12 +67,13 @@ def train_and_measure(trainer, device: str) -> dict:
             if device == "cpu" and state.global_step == state.max_steps - 1:
                 self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
                 self.profiler.__enter__()
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **k):
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
+            cpu_times.append(time.process_time() - self.cpu_start)
             if getattr(self, "profiler", None) is not None:
                 self.profiler.__exit__(None, None, None)
                 peak["step"] = cpu_peak_bytes(self.profiler)
@@ -81,10 +84,11 @@ def train_and_measure(trainer, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step_s = statistics.median(times[2 : len(times) - (device == "cpu")])
+    measured = slice(2, len(times) - (device == "cpu"))
+    step_s, cpu_s = statistics.median(times[measured]), statistics.median(cpu_times[measured])
     tokens = getattr(trainer, "_total_train_tokens", 0) / max(len(times), 1)
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak["step"] / 2**20
-    return {"step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mib": peak_mib, "rss_mib": rss}
+    return {"step_s": step_s, "cpu_s": cpu_s, "tokens_per_s": tokens / step_s, "peak_mib": peak_mib, "rss_mib": rss}
 
 
 def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict | None = None):
@@ -129,6 +133,6 @@ def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict |
             print(f"{name:28s} {json.dumps(runs[name][-1])}", flush=True)
     results = {}
     for name, rs in runs.items():
-        results[name] = {**rs[0], **{k: statistics.median(r[k] for r in rs) for k in ("step_s", "tokens_per_s", "peak_mib")}}
+        results[name] = {**rs[0], **{k: statistics.median(r[k] for r in rs) for k in ("step_s", "cpu_s", "tokens_per_s", "peak_mib")}}
         results[name]["step_s_all"] = [r["step_s"] for r in rs]
     return args, device, results
