@@ -11,6 +11,7 @@ moves them by whole percent, which is what the test catches."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ def setup(tmp_path_factory, tokenizer):
             "model_name_or_path": str(model), "adapter": {"type": "lora", "r": 4, "targets": "qv"},
             "train_dataset": "suite:add_small:train", "max_train_samples": 8, "max_length": 64, "max_steps": 3,
             "gradient_accumulation_steps": 2, "optim": "sgd", "learning_rate": 0.5, "lr_scheduler_type": "constant",
-            "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False, "seed": 1,
+            "logging_steps": 1, "save_strategy": "steps", "save_steps": 2, "report_to": "none", "use_cpu": True, "bf16": False, "seed": 1,
             "target_cache_dir": str(tmp / "cache"), **method,
         }  # fmt: skip
         if recipe["trainer"] != "ia2":
@@ -154,6 +155,7 @@ def test_two_processes_train_what_one_process_trains(backend, setup, two_process
         logs = [json.loads((out / name / "log_history.json").read_text()) for out in (single, sharded)]
         steps = [[row for row in log if "loss" in row and "train_runtime" not in row] for log in logs]
         assert len(steps[0]) == len(steps[1]) == 3
+        assert [json.loads((out / name / "micro_batches.json").read_text()) for out in (single, sharded)] == [6, 6], name
         for row_one, row_two in zip(*steps):
             for term in TERMS:
                 assert (term in row_one) == (term in row_two), (name, term)
@@ -195,33 +197,32 @@ def test_fsdp2_gradient_edits_equal_one_process(tmp_path, tokenizer):
 @pytest.mark.parametrize("backend", ["zero2", "zero3", "fsdp2"])
 def test_sharded_checkpoint_resumes_to_the_uninterrupted_result(backend, setup, two_processes):
     """DeepSpeed and FSDP2 write their own checkpoints (engine, parameter and optimizer partitions; sharded state
-    dicts); the transforms live in the model, so they come back with it. ReprPO with a trained transform and full
-    fine-tuning, stopped after 2 of the matrix's 3 steps (constant learning rate) and resumed, end where the
-    matrix's run in one go ends."""
+    dicts); the transforms live in the model, so they come back with it. The matrix's runs save a checkpoint after
+    2 of their 3 steps: ReprPO with a trained transform and full fine-tuning, resumed from it in a fresh output
+    directory, end where the run in one go ended and log what it logged."""
     tmp, _, _, _ = setup
-    straight = two_processes(backend)
-    (recipes := tmp / f"resume_{backend}_recipes").mkdir()
-    for name in ("reprpo-ether", "reprpo-full"):
-        recipe = {**yaml.safe_load((tmp / f"{name}.yaml").read_text()), "save_strategy": "steps", "save_steps": 2}
-        (recipes / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-    port = 29640 + list(BACKENDS).index(backend)
-    halves = launch(tmp, f"resume_{backend}", 2, BACKENDS[backend], sorted(recipes.iterdir()), port, "--max_steps", "2")
+    straight, resumed = two_processes(backend), tmp / f"resume_{backend}"
+    names = ("reprpo-ether", "reprpo-full")
     own = "pytorch_model_fsdp_0" if backend == "fsdp2" else "global_step"  # FSDP's sharded state dict, DeepSpeed's
-    for run in halves.iterdir():
-        assert (run / "checkpoint-2" / "reprpo_checkpoint.json").exists(), run.name
-        assert any(p.name.startswith(own) for p in (run / "checkpoint-2").iterdir()), run.name
-    launch(tmp, f"resume_{backend}", 2, BACKENDS[backend], sorted(recipes.iterdir()), port, "--resume_from_checkpoint", "auto")
-    for run in halves.iterdir():
-        logs = [json.loads((out / run.name / "log_history.json").read_text()) for out in (straight, halves)]
+    for name in names:
+        checkpoint = straight / name / "checkpoint-2"
+        assert (checkpoint / "reprpo_checkpoint.json").exists(), name
+        assert any(p.name.startswith(own) for p in checkpoint.iterdir()), name
+        shutil.copytree(checkpoint, resumed / name / "checkpoint-2")
+    port = 29640 + list(BACKENDS).index(backend)
+    launch(tmp, resumed.name, 2, BACKENDS[backend], [tmp / f"{n}.yaml" for n in names], port, "--resume_from_checkpoint", "auto")
+    for name in names:
+        logs = [json.loads((out / name / "log_history.json").read_text()) for out in (straight, resumed)]
         rows = [[row for row in log if "loss" in row and "train_runtime" not in row] for log in logs]
-        assert [row["step"] for row in rows[1]] == [1, 2, 3], f"{run.name}: the resumed run's log history"
+        assert [row["step"] for row in rows[1]] == [1, 2, 3], f"{name}: the resumed run's log history"
+        assert json.loads((resumed / name / "micro_batches.json").read_text()) == 2, f"{name}: not resumed at step 3"
         for row_one, row_two in zip(*rows):
             for term in set(TERMS) & row_one.keys():
-                assert row_two[term] == pytest.approx(row_one[term], rel=1e-5, abs=1e-7), (backend, run.name, term)
-        one, two = weights(straight / run.name), weights(run)
+                assert row_two[term] == pytest.approx(row_one[term], rel=1e-5, abs=1e-7), (backend, name, term)
+        one, two = weights(straight / name), weights(resumed / name)
         assert one.keys() == two.keys() and any("transforms" in k or "model.safetensors" in k for k in one)
         for key in one:
-            torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=f"{backend} {run.name} {key}")
+            torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=f"{backend} {name} {key}")
 
 
 def test_a_launch_that_forms_no_world_is_refused(tmp_path, setup):
