@@ -121,7 +121,9 @@ def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict |
     if args.one:
         print(json.dumps(run_one(args.one, args, device)))
         sys.exit(0)
-    shared = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("configs", "one") and v not in (None, False, True)]
+    # values passed on to each configuration's process; `is`, not `in`: 1 == True and 0 == False (a `--batch 1`
+    # went missing that way, and every process trained its default batch of 8)
+    shared = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("configs", "one") and v is not None and not isinstance(v, bool)]
     shared += [f"--{k}" for k, v in vars(args).items() if v is True]
     runs = {name: [] for name in args.configs}
     for round_ in range(args.repeats):

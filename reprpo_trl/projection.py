@@ -59,12 +59,14 @@ def project_output_axes(grads: list, directions: list, beta: float, renorm: bool
 def project_rows(grad: torch.Tensor, directions: torch.Tensor, beta: float, renorm: bool) -> torch.Tensor:
     """ProjBP's edit of grad_output (N, T, d): each row n, at every token, along its own unit direction (N, d);
     with renorm each row keeps its original norm over (T, d). Computed in float32 whatever the gradient's dtype:
-    in bf16 the rounding left in a small parallel part would be scaled up by the renorm."""
-    g, u = grad.float(), directions.float()[:, None, :]
-    edited = g - (1.0 - beta) * (g - (g * u).sum(-1, keepdim=True) * u)
+    in bf16 the rounding left in a small parallel part would be scaled up by the renorm.
+    g' = beta * g + (1 - beta) * (g . u) u, as two batched matmuls (a few passes over the gradient, not ten)."""
+    g, u = grad.float(), directions.float()[:, None, :]  # (N, T, d), (N, 1, d)
+    along = torch.bmm(g, u.transpose(1, 2))  # (N, T, 1): g . u at every token
+    edited = torch.baddbmm(g, along, u, beta=beta, alpha=1.0 - beta)
     if renorm:
-        norms, new_norms = g.flatten(1).norm(dim=1), edited.flatten(1).norm(dim=1)
-        edited = edited * (norms / new_norms.clamp(min=EPS))[:, None, None]
+        norms, new_norms = (torch.linalg.vector_norm(x, dim=(1, 2)) for x in (g, edited))
+        edited.mul_((norms / new_norms.clamp(min=EPS))[:, None, None])
     return edited.to(grad.dtype)
 
 

@@ -128,7 +128,8 @@ def pool(hidden: torch.Tensor, completion_mask, attention_mask, pooling: str) ->
         last = (positions * completion_mask).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     mask = (completion_mask if pooling == "completion_mean" else attention_mask).to(hidden.dtype)
-    return torch.einsum("ntd,nt->nd", hidden, mask) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    # (N, 1, T) @ (N, T, d) as one batched matmul: einsum took a multiply-and-sum path here, 10x slower on CPU
+    return torch.bmm(mask[:, None, :], hidden).squeeze(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def first_tensor(value):
