@@ -17,10 +17,6 @@ from timing import load_model, run_benchmark, train_and_measure
 CONFIGS = {  # name -> (trainer, extra config)
     "dpo": ("dpo", {}),
     "dpo_precompute": ("dpo", {"precompute_ref_log_probs": True}),
-    # TRL checkpoints PEFT models reentrantly; the trainers that read hooked states checkpoint non-reentrantly
-    # (trainers/guard.py): with --gradient_checkpointing this row is DPO in their checkpointing mode
-    "dpo_nonreentrant": ("dpo", {"gradient_checkpointing_kwargs": {"use_reentrant": False}}),
-    "dpo_precompute_nonreentrant": ("dpo", {"precompute_ref_log_probs": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}),
     "reprpo_prefvec": ("reprpo", {"hidden_loss": "prefvec"}),
     "reprpo_mse": ("reprpo", {"hidden_loss": "mse"}),
     "reprpo_prefvec_precompute": ("reprpo", {"hidden_loss": "prefvec", "precompute_ref_log_probs": True}),

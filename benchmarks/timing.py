@@ -118,6 +118,11 @@ def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict |
             parser.add_argument(f"--{flag}", type=kind, default=default)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.steps < 4:
+        parser.error(f"--steps {args.steps}: need at least 4 (2 warm-up steps, the last one profiled on CPU, one measured)")
+    unknown = sorted(set(args.configs) - set(configs))
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {sorted(configs)}")
     if args.one:
         print(json.dumps(run_one(args.one, args, device)))
         sys.exit(0)

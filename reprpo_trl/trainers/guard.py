@@ -15,10 +15,12 @@ runs between the engine's backward and its step; the engine's gradient norm is k
 non-finite norm stops training there, still before any save. `save_model` refuses to write non-finite trainable
 parameters unless the guard is off.
 
-Gradient checkpointing: trainers that read hooked states with gradient (`reads_hooked_states`) need the
-non-reentrant form, where a checkpointed layer's first forward records autograd; the reentrant form runs it under
-no_grad, so every state a hook reads there would silently carry no gradient. TRL forces reentrant for PEFT under
-ZeRO-3 to work around a DeepSpeed recompute bug that DeepSpeed 0.19.8 fixed; these trainers undo that.
+Gradient checkpointing: trainers that read hooked states with gradient (`reads_hooked_states`) checkpoint
+non-reentrantly (transformers' default), where a checkpointed layer's first forward records autograd. The reentrant
+form runs it under no_grad, so a state read by a hook inside the layer (side sites, adapted modules, attention
+outputs) would silently carry no gradient; hooks on a decoder layer itself run outside its checkpoint, but one mode
+for every site is simpler and costs nothing. TRL forces reentrant for PEFT under ZeRO-3 to work around a DeepSpeed
+recompute bug that DeepSpeed 0.19.8 fixed; these trainers undo that.
 """
 
 import contextlib
