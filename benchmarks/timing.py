@@ -5,11 +5,21 @@ Peak memory: on GPU CUDA's max_memory_allocated over the run (weights included).
 allocator over one training step (the last), from torch.profiler's allocation and free events: bytes allocated
 during the step, above what was live when it began (so the weights and optimizer state every configuration
 shares are not in it); the process's peak RSS is reported beside it.
+
+CPU allocator: torch allocates CPU tensors with glibc malloc, which maps every block above its (moving) mmap
+threshold fresh from the kernel and unmaps it when freed, so each large activation is paid again as page faults
+(6.3 million minor faults, 18 s of system time in 4 long-mode DPO steps). How many blocks cross that threshold
+depends on the order of earlier frees, so two configurations doing the same tensor work differed by 10% and one
+configuration by up to 15% between processes. CPU runs therefore start with `CPU_ALLOCATOR_ENV`: malloc takes
+everything from its heap and keeps what is freed, and each step reuses the memory of the one before.
 """
 
+import os
 import resource
 import statistics
 import time
+
+CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}  # see the module docstring
 
 
 def load_model(name: str, device: str, shape: str | None = None):
@@ -52,13 +62,13 @@ def cpu_peak_bytes(profiler) -> int:
 def train_and_measure(trainer, device: str) -> dict:
     """Median step time after two warm-up steps (the last step, profiled for memory on CPU, left out), the
     median CPU time of the process over the same steps (on a shared machine the part of the wall time that other
-    tenants' load does not add), tokens per second at the median wall time, and peak memory (see the module
-    docstring)."""
+    tenants' load does not add), tokens per second at the median wall time, peak memory and the median number of
+    minor page faults per step (see the module docstring)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    times, cpu_times, peak = [], [], {}
+    times, cpu_times, faults, peak = [], [], [], {}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **k):
@@ -68,12 +78,14 @@ def train_and_measure(trainer, device: str) -> dict:
                 self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
                 self.profiler.__enter__()
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
+            self.faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
         def on_step_end(self, args, state, control, **k):
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
             cpu_times.append(time.process_time() - self.cpu_start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults_start)
             if getattr(self, "profiler", None) is not None:
                 self.profiler.__exit__(None, None, None)
                 peak["step"] = cpu_peak_bytes(self.profiler)
@@ -88,7 +100,8 @@ def train_and_measure(trainer, device: str) -> dict:
     step_s, cpu_s = statistics.median(times[measured]), statistics.median(cpu_times[measured])
     tokens = getattr(trainer, "_total_train_tokens", 0) / max(len(times), 1)
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak["step"] / 2**20
-    return {"step_s": step_s, "cpu_s": cpu_s, "tokens_per_s": tokens / step_s, "peak_mib": peak_mib, "rss_mib": rss}
+    return {"step_s": step_s, "cpu_s": cpu_s, "tokens_per_s": tokens / step_s, "peak_mib": peak_mib, "rss_mib": rss,
+            "page_faults": statistics.median(faults[measured])}
 
 
 def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict | None = None):
@@ -133,7 +146,8 @@ def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict |
     runs = {name: [] for name in args.configs}
     for round_ in range(args.repeats):
         for name in args.configs if round_ % 2 == 0 else reversed(args.configs):
-            out = subprocess.run([sys.executable, script, "--one", name, *shared], capture_output=True, text=True)
+            env = {**CPU_ALLOCATOR_ENV, **os.environ} if device == "cpu" else None
+            out = subprocess.run([sys.executable, script, "--one", name, *shared], capture_output=True, text=True, env=env)
             if out.returncode:
                 raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
