@@ -14,6 +14,7 @@ import time
 import torch
 
 import bench_trainers
+import timing
 
 TIMED = {  # label -> (module, qualified name): the package's own per-step work
     "pool (hooks)": ("reprpo_trl.sites", "pool"),
@@ -78,7 +79,7 @@ def profile_one(name, args):
 
     trainer.add_callback(PerStep())
     trainer.train()
-    timed = steps[2:]
+    timed = steps[timing.WARMUP_STEPS :]
     step = statistics.median(s for s, _, _ in timed)
     labels = sorted({label for _, t, _ in timed for label in t})
     parts = {label: statistics.median(t.get(label, 0.0) for _, t, _ in timed) for label in labels}
@@ -96,6 +97,7 @@ def main():
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--configs", nargs="*", default=list(bench_trainers.CONFIGS))
     args = parser.parse_args()
+    timing.use_steady_cpu_allocator()
     torch.set_num_threads(torch.get_num_threads())
     for name in args.configs:
         step, parts, syncs = profile_one(name, args)

@@ -10,8 +10,9 @@ CPU allocator: torch allocates CPU tensors with glibc malloc, which maps every b
 threshold fresh from the kernel and unmaps it when freed, so each large activation is paid again as page faults
 (6.3 million minor faults, 18 s of system time in 4 long-mode DPO steps). How many blocks cross that threshold
 depends on the order of earlier frees, so two configurations doing the same tensor work differed by 10% and one
-configuration by up to 15% between processes. CPU runs therefore start with `CPU_ALLOCATOR_ENV`: malloc takes
-everything from its heap and keeps what is freed, and each step reuses the memory of the one before.
+configuration by up to 15% between processes. CPU runs therefore run with `CPU_ALLOCATOR_ENV` (a benchmark script
+restarts itself with it, `use_steady_cpu_allocator`): malloc takes everything from its heap and keeps what is
+freed, and each step reuses the memory of the one before.
 """
 
 import os
@@ -20,6 +21,19 @@ import statistics
 import time
 
 CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}  # see the module docstring
+WARMUP_STEPS = 2
+
+
+def use_steady_cpu_allocator() -> None:
+    """On CPU, restarts this script with CPU_ALLOCATOR_ENV unless it has it (glibc reads it only when a process
+    starts; a value already set wins). The configurations' processes inherit it."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() or all(k in os.environ for k in CPU_ALLOCATOR_ENV):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**CPU_ALLOCATOR_ENV, **os.environ})
 
 
 def load_model(name: str, device: str, shape: str | None = None):
@@ -96,7 +110,7 @@ def train_and_measure(trainer, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    measured = slice(2, len(times) - (device == "cpu"))
+    measured = slice(WARMUP_STEPS, len(times) - (device == "cpu"))
     step_s, cpu_s = statistics.median(times[measured]), statistics.median(cpu_times[measured])
     tokens = getattr(trainer, "_total_train_tokens", 0) / max(len(times), 1)
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak["step"] / 2**20
@@ -130,9 +144,12 @@ def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict |
         else:
             parser.add_argument(f"--{flag}", type=kind, default=default)
     args = parser.parse_args()
+    use_steady_cpu_allocator()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.steps < 4:
-        parser.error(f"--steps {args.steps}: need at least 4 (2 warm-up steps, the last one profiled on CPU, one measured)")
+    fewest = WARMUP_STEPS + 1 + (device == "cpu")
+    if args.steps < fewest:
+        parser.error(f"--steps {args.steps}: need at least {fewest} ({WARMUP_STEPS} warm-up steps, one measured, on CPU "
+                     "also the last one, profiled for memory)")
     unknown = sorted(set(args.configs) - set(configs))
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {sorted(configs)}")
@@ -146,8 +163,7 @@ def run_benchmark(script: str, doc: str, configs: dict, run_one, options: dict |
     runs = {name: [] for name in args.configs}
     for round_ in range(args.repeats):
         for name in args.configs if round_ % 2 == 0 else reversed(args.configs):
-            env = {**CPU_ALLOCATOR_ENV, **os.environ} if device == "cpu" else None
-            out = subprocess.run([sys.executable, script, "--one", name, *shared], capture_output=True, text=True, env=env)
+            out = subprocess.run([sys.executable, script, "--one", name, *shared], capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
