@@ -30,6 +30,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch.distributed as dist
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, IntervalStrategy, TrainerCallback
 from trl import ModelConfig, TrlParser
@@ -413,6 +414,14 @@ def run(argv: list[str] | None = None):
         apply_user_mode(train_args.output_dir)
         write_run_record(train_args.output_dir, run_args, train_args, model_args, adapter_args, _recipe_path(argv), trainer)
     return trainer
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group once every rank has finished, or stopped at the same step:
+    left to the interpreter's exit, gloo's worker threads can abort it (SIGABRT, "terminate called without an active
+    exception") and fail a run that succeeded. Not after an error: a rank still inside a collective would hang."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # `python -m reprpo_trl.train` / `accelerate launch -m reprpo_trl.train`: reprpo train

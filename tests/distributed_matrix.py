@@ -44,6 +44,7 @@ def main():
             (out / "micro_batches.json").write_text(json.dumps(calls[0]))
         trainer.accelerator.wait_for_everyone()
         del trainer
+    train.close_process_group()
 
 
 if __name__ == "__main__":

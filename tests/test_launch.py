@@ -1,9 +1,11 @@
 """`accelerate launch -m reprpo_trl.train`: one process, and two CPU processes (gloo DDP), on a tiny model. Equality
 with one process under DDP and DeepSpeed is tests/test_distributed.py."""
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,6 +48,34 @@ def test_accelerate_launch(processes, tmp_path, tiny_recipe):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'loss/hidden'" in result.stdout
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("outcome", ["finished", "stopped", "failed"])
+def test_train_command_closes_the_process_group_once_every_rank_ended(outcome, tmp_path, monkeypatch):
+    """Left to the interpreter's exit, gloo's worker threads can abort a run that finished (SIGABRT, "terminate
+    called without an active exception", seen in CI under ZeRO-3): `reprpo train` destroys the process group after a
+    finished run and after a stop every rank agreed on, and leaves it after a failure, where a rank may still be
+    inside a collective and destroying it could hang."""
+    import torch.distributed as dist
+
+    from reprpo_trl import train
+    from reprpo_trl.cli import train as train_cli
+    from reprpo_trl.errors import RunError, Stopped
+
+    def run(argv):
+        if outcome != "finished":
+            raise (Stopped if outcome == "stopped" else RunError)(outcome)
+
+    monkeypatch.setattr(train, "parse_args", lambda argv: (None, SimpleNamespace(output_dir=str(tmp_path)), None, None))
+    monkeypatch.setattr(train, "run", run)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with contextlib.nullcontext() if outcome == "finished" else pytest.raises(SystemExit):
+            train_cli.main(["--config", "r.yaml"])
+        assert dist.is_initialized() == (outcome == "failed")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def multi_cpu_config(tmp_path, port):

@@ -20,8 +20,14 @@ def main(argv: list[str] | None = None) -> None:
         from .help import print_help
 
         return print_help(argv)
+    from ..errors import Stopped
     from ..io import removed_on_error
-    from ..train import parse_args, run
+    from ..train import close_process_group, parse_args, run
 
     with removed_on_error(parse_args(argv)[1].output_dir):
-        run(argv)
+        try:
+            run(argv)
+        except Stopped:  # every rank agreed on the step it stopped at
+            close_process_group()
+            raise
+    close_process_group()
