@@ -67,7 +67,9 @@ def launch(tmp_path: Path, name: str, processes: int, backend: dict, recipes: li
     out = tmp_path / name
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            str(ROOT / "tests" / "distributed_matrix.py"), str(out), *map(str, recipes), "--", *flags]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    # deprecation warnings off, so that a failure's stderr tail shows the failure
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
